@@ -1,0 +1,167 @@
+"""Typed, validated configuration with named presets.
+
+Every config is a pydantic model that refuses unknown keys, so a typo in a YAML file is an error, not a silently
+ignored setting. `RunConfig` is what a run folder's `config.yaml` holds (the full resolved config).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+LossKind = Literal["denoisplit", "usplit"]
+PresetName = Literal["paper", "small", "tiny"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The VSE (LadderVAE) architecture. `paper` = the denoiSplit network (3,002,882 parameters)."""
+
+    n_levels: int = Field(4, ge=1, le=6, description="hierarchy levels; each halves the resolution")
+    z_dim: int = Field(128, ge=1, description="channels of every latent map")
+    n_filters: int = Field(64, ge=1, description="width of every conv block")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout2d probability in every residual block")
+    # 2 = normalised clean estimates (noise-model likelihood); 4 = means + log-variances (uSplit's Gaussian head)
+    out_channels: Literal[2, 4] = 2
+
+    @property
+    def multiple(self) -> int:
+        """Spatial sizes the network accepts without padding (2**n_levels)."""
+        return 2**self.n_levels
+
+
+class NoiseModelConfig(_Strict):
+    """GMM noise model p(noisy | signal), raw intensity units (paper / PPN2V defaults)."""
+
+    n_gaussians: int = Field(6, ge=1)
+    n_coeffs: int = Field(4, ge=2, description="polynomial degree + 1 (4 = cubic)")
+    min_sigma: float = Field(0.125, gt=0, description="lower clamp on each component's VARIANCE (raw units^2)")
+    n_iterations: int = Field(2000, ge=1)
+    batch_size: int = Field(250_000, ge=16)
+    lr: float = Field(0.1, gt=0)
+
+
+class NoiseConfig(_Strict):
+    """The paper's synthetic noise protocol (applied once, fixed seed)."""
+
+    gaussian: float = Field(0.0, ge=0, description="Gaussian std as a multiple of std(mean of the two clean channels)")
+    poisson: float = Field(0.0, ge=0, description="Poisson factor F: x <- Poisson(x/F)*F; 0 = off")
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    path: str
+    channels: tuple[int, int] = (0, 1)
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 0
+    noise: NoiseConfig = NoiseConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.channels[0] == self.channels[1]:
+            raise ValueError("the two channels must differ")
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError("split fractions must be >= 0 and sum to 1")
+        return self
+
+
+class TrainConfig(_Strict):
+    loss: LossKind = "denoisplit"
+    patch_size: int = Field(128, ge=8)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_patience: int = Field(30, ge=1, description="ReduceLROnPlateau patience, in validations")
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    early_stop_patience: int = Field(200, ge=1, description="validations without improvement before stopping")
+    grad_clip: float = Field(0.5, gt=0, description="gradient-norm clip (the reference's effective GPU setting)")
+    kl_weight: float = Field(1.0, ge=0)
+    free_bits: float = Field(1.0, ge=0, description="nats per sample per level (denoiSplit); uSplit uses 0")
+    val_every: int = Field(200, ge=1, description="optimizer steps between validations/checkpoints")
+    max_steps: Optional[int] = Field(None, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0)
+    max_epochs: int = Field(400, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16/fp16 autocast on CUDA (the likelihood always stays fp32)")
+
+
+class RunConfig(_Strict):
+    """Everything a run needs; written to RUN_DIR/config.yaml."""
+
+    preset: PresetName = "small"
+    model: ModelConfig
+    noise_model: NoiseModelConfig = NoiseModelConfig()
+    train: TrainConfig
+    data: DataConfig
+
+    @model_validator(mode="after")
+    def _check(self):
+        want = 4 if self.train.loss == "usplit" else 2
+        if self.model.out_channels != want:
+            raise ValueError(f"loss {self.train.loss!r} needs model.out_channels={want}")
+        if self.train.patch_size % self.model.multiple:
+            raise ValueError(f"patch_size must be a multiple of {self.model.multiple} (2**n_levels)")
+        return self
+
+
+# Named presets: model + training defaults. `paper` is exactly the denoiSplit configuration (GPU); `small` is the
+# CPU demo; `tiny` trains in seconds and exists for tests.
+PRESETS: dict[str, dict] = {
+    "paper": dict(
+        model=dict(n_levels=4, z_dim=128, n_filters=64, dropout=0.1),
+        train=dict(patch_size=128, batch_size=32, val_every=200),
+    ),
+    "small": dict(
+        model=dict(n_levels=4, z_dim=32, n_filters=32, dropout=0.1),
+        train=dict(patch_size=64, batch_size=16, val_every=100, lr_patience=10, early_stop_patience=50),
+    ),
+    "tiny": dict(
+        model=dict(n_levels=3, z_dim=4, n_filters=8, dropout=0.0),
+        train=dict(patch_size=32, batch_size=4, val_every=10, lr_patience=5, early_stop_patience=20),
+    ),
+}
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_run_config(preset: str = "small", overrides: Optional[dict] = None) -> RunConfig:
+    """Preset defaults, then `overrides` (a nested dict, e.g. from --config FILE.yaml and CLI flags) on top."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raw = _deep_update({"preset": preset, **PRESETS[preset]}, overrides or {})
+    loss = raw.get("train", {}).get("loss", "denoisplit")
+    raw.setdefault("model", {}).setdefault("out_channels", 4 if loss == "usplit" else 2)
+    if loss == "usplit":
+        raw["train"].setdefault("free_bits", 0.0)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        raise UserError(f"{source}: {where}: {err['msg']}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    from .fileio import read_yaml
+
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping")
+    return validate_config(raw, source=str(path))

@@ -1,0 +1,145 @@
+"""The run folder contract (design.md) and loading a trained run for the later stages.
+
+RUN_DIR/
+  config.yaml          full resolved RunConfig
+  noise_models/        ch0.npz, ch1.npz (GMM, raw units)
+  normalization.json   input mean/std, per-channel target mean/std (raw units)
+  data_split.json      which images (or regions) went to train/val/test, noise protocol settings
+  checkpoints/         best.pt, last.pt (weights_only=True loadable)
+  log.jsonl            one JSON object per validation
+  calibration.json     after `calibrate`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import RunConfig, load_run_config
+from .errors import UserError
+from .fileio import read_json, torch_load
+from .model import LadderVAE, SplitSampler
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def noise_models(self) -> Path:
+        return self.root / "noise_models"
+
+    @property
+    def normalization(self) -> Path:
+        return self.root / "normalization.json"
+
+    @property
+    def data_split(self) -> Path:
+        return self.root / "data_split.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+
+def build_model(cfg: RunConfig) -> LadderVAE:
+    m = cfg.model
+    return LadderVAE(m.n_levels, m.z_dim, m.n_filters, m.dropout, m.out_channels, cfg.train.patch_size)
+
+
+@dataclass
+class Run:
+    """A trained run, ready for sampling: model in eval mode (posterior sampling, BN running stats)."""
+
+    paths: RunPaths
+    config: RunConfig
+    model: LadderVAE
+    norm: "Normalization"  # noqa: F821  (data.Normalization)
+    noise_models: list = field(default_factory=list)
+    channel_names: list[str] = field(default_factory=lambda: ["A", "B"])
+    calibration: Optional[dict] = None
+    data_split: Optional[dict] = None
+
+    @property
+    def calibration_scale(self) -> list[float]:
+        """Per-channel std scale (1.0 before `calibrate`)."""
+        if not self.calibration:
+            return [1.0, 1.0]
+        return [float(self.calibration["channels"][n]["scale"]) for n in self.channel_names]
+
+    def sampler(self, n_samples: int, seed: int = 42, noise: bool = True) -> SplitSampler:
+        """The in-graph sampler (the same module the exported package runs) with this run's weights,
+        normalisation, calibration and noise models as buffers. Eval mode."""
+        m = self.config.model
+        s = SplitSampler(m.n_levels, m.z_dim, m.n_filters, m.dropout, m.out_channels, self.config.train.patch_size,
+                         n_samples=n_samples, seed=seed, noise=noise, n_gaussians=self.config.noise_model.n_gaussians,
+                         n_coeffs=self.config.noise_model.n_coeffs)
+        s.vae.load_state_dict(self.model.state_dict())
+        s.calibration_scale.copy_(torch.tensor(self.calibration_scale))
+        s.input_mean.fill_(self.norm.input_mean)
+        s.input_std.fill_(self.norm.input_std)
+        s.target_mean.copy_(torch.tensor(self.norm.target_mean))
+        s.target_std.copy_(torch.tensor(self.norm.target_std))
+        for c, nm in enumerate(self.noise_models):
+            s.nm_weight[c].copy_(nm.weight.detach())
+            s.nm_min_signal[c] = float(nm.min_signal)
+            s.nm_max_signal[c] = float(nm.max_signal)
+            s.nm_min_sigma[c] = nm.min_sigma
+        return s.eval()
+
+
+def load_run(path, checkpoint: str = "best") -> Run:
+    """Load RUN_DIR (config, weights, normalisation, noise models, calibration if present)."""
+    from .data import Normalization
+    from .noise_model import load_noise_models
+
+    paths = RunPaths(Path(path))
+    if not paths.root.is_dir():
+        raise UserError(f"run folder not found: {paths.root}")
+    if not paths.is_run():
+        raise UserError(f"{paths.root} is not a run folder (no config.yaml)")
+    cfg = load_run_config(paths.config)
+    ckpt_path = paths.best if checkpoint == "best" else paths.last
+    if not ckpt_path.is_file():
+        ckpt_path = paths.last
+    if not ckpt_path.is_file():
+        raise UserError(f"{paths.root} has no checkpoint yet (checkpoints/best.pt or last.pt)")
+    ckpt = torch_load(ckpt_path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"{ckpt_path}: weights do not match config.yaml ({str(e).splitlines()[0]})") from None
+    model.eval()
+    norm = Normalization.from_dict(read_json(paths.normalization))
+    nms = load_noise_models(paths.noise_models) if (paths.noise_models / "ch0.npz").is_file() else []
+    split = read_json(paths.data_split) if paths.data_split.is_file() else None
+    names = list(split.get("channel_names", ["A", "B"])) if split else ["A", "B"]
+    calib = read_json(paths.calibration) if paths.calibration.is_file() else None
+    return Run(paths, cfg, model, norm, nms, names, calib, split)

@@ -1,0 +1,300 @@
+"""`denoisplit-zoo train`: data -> noise models -> VSE training -> run folder.
+
+The loop is plain PyTorch (no Lightning): Adamax, ReduceLROnPlateau and early stopping on the validation loss,
+gradient-norm clipping, best + last checkpoints written atomically, exact resume (model, optimizer, scheduler, RNG,
+data position, early-stopping state), one log line per validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
+from .errors import UserError
+from .fileio import torch_load, torch_save, write_json, write_yaml
+from .losses import loss_terms
+from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
+from .run_folder import RunPaths, build_model
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _noise_model_pairs(prepared: PreparedData, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(signal, observation) raw pixel pairs of channel c from the TRAIN split.
+
+    Synthetic noise: the clean images are the signal. Real noise: clean and noisy may sit on different intensity
+    scales (W2S: every 8-bit image min-max stretched on its own), so each clean image is first mapped onto its
+    noisy image by a least-squares affine fit."""
+    train = prepared.train
+    if train.clean is None:
+        raise UserError("fitting noise models needs clean images (or repeated frames); "
+                        "fit them with `denoisplit-zoo noise-model fit` and pass --noise-models")
+    clean, noisy = train.clean[:, c], train.targets[:, c]
+    if prepared.noise_info.get("kind") == "real":
+        mapped = np.empty_like(clean)
+        for i in range(len(clean)):
+            a, b = np.polyfit(clean[i].ravel(), noisy[i].ravel(), 1)
+            mapped[i] = a * clean[i] + b
+        clean = mapped
+    return clean, noisy
+
+
+def fit_run_noise_models(cfg: RunConfig, prepared: PreparedData, progress: bool = True) -> list[GMMNoiseModel]:
+    nmc = cfg.noise_model
+    models = []
+    for c in range(2):
+        signal, obs = _noise_model_pairs(prepared, c)
+        models.append(fit_noise_model(signal, obs, nmc.n_gaussians, nmc.n_coeffs, nmc.min_sigma, nmc.n_iterations,
+                                      nmc.batch_size, nmc.lr, seed=cfg.train.seed + c, progress=progress))
+    return models
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_val_loss: float
+    stopped_because: str
+    seconds: float
+
+
+class _State:
+    """Everything that must survive a restart, kept as plain tensors/numbers for weights_only loading."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+        self.pos = 0  # position inside the epoch's permutation
+        self.best_val = float("inf")
+        self.bad_validations = 0
+        self.seconds = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(step=self.step, epoch=self.epoch, pos=self.pos, best_val=self.best_val,
+                    bad_validations=self.bad_validations, seconds=self.seconds)
+
+    def load(self, d: dict) -> None:
+        for k in self.to_dict():
+            setattr(self, k, type(getattr(self, k))(d[k]))
+
+
+def _prepare_run_dir(out: Path, resume: bool) -> RunPaths:
+    paths = RunPaths(out)
+    if resume:
+        if not paths.is_run():
+            raise UserError(f"--resume: {out} is not a run folder (no config.yaml)")
+        if not paths.last.is_file():
+            raise UserError(f"--resume: {out} has no checkpoints/last.pt")
+        return paths
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder")
+        if paths.is_run():
+            raise UserError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+        if any(out.iterdir()):
+            raise UserError(f"{out} exists, is not empty and is not a run folder")
+    try:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable")
+    return paths
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_files: Optional[list[str]] = None,
+          progress: bool = True) -> TrainResult:
+    """Train a run into `out` (design.md run folder). With resume=True, `cfg` is replaced by the run's config
+    except for the stopping limits (max_steps / max_minutes), which the caller may extend."""
+    out = Path(out)
+    paths = _prepare_run_dir(out, resume)
+    if resume:
+        from .config import load_run_config
+
+        saved = load_run_config(paths.config)
+        limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}
+        cfg = saved.model_copy(update={"train": saved.train.model_copy(update=limits)})
+    tc = cfg.train
+    device = pick_device(tc.device)
+    seed_everything(tc.seed)
+
+    prepared = prepare_data(cfg.data, tc.patch_size, None if resume else out)
+    if not resume:
+        write_yaml(paths.config, json.loads(cfg.model_dump_json()))
+        write_json(paths.normalization, prepared.norm.to_dict())
+    norm = prepared.norm
+
+    noise_models: Optional[list[GMMNoiseModel]] = None
+    if tc.loss == "denoisplit":
+        if resume or (paths.noise_models / "ch0.npz").is_file():
+            noise_models = load_noise_models(paths.noise_models)
+        elif noise_model_files:
+            if len(noise_model_files) != 2:
+                raise UserError("--noise-models needs exactly two files (one per channel)")
+            noise_models = [GMMNoiseModel.load(f) for f in noise_model_files]
+        else:
+            noise_models = fit_run_noise_models(cfg, prepared, progress)
+        for c, nm in enumerate(noise_models):
+            if not resume:
+                nm.save(paths.noise_models / f"ch{c}.npz")
+            nm.to(device)
+
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.lr_factor,
+                                                       patience=tc.lr_patience, min_lr=1e-12)
+    state = _State()
+    if resume:
+        ck = torch_load(paths.last)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state.load(ck["state"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
+        _truncate_log(paths.log, state.step)
+
+    dataset = PatchDataset(prepared.train, norm, tc.patch_size, seed=tc.seed)
+    val_x, val_y = validation_tiles(prepared.val, norm, tc.patch_size, max_tiles=64)
+    t_mean = torch.tensor(norm.target_mean, device=device)
+    t_std = torch.tensor(norm.target_std, device=device)
+    latent_shapes = model.latent_shapes(tc.patch_size, tc.patch_size)
+    use_amp = tc.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+    def objective(x, y, training: bool):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            pred, kls = model(x, compute_kl=True)
+        return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=latent_shapes,
+                          noise_models=noise_models, target_mean=t_mean, target_std=t_std,
+                          kl_weight=tc.kl_weight, free_bits=tc.free_bits)
+
+    def validate() -> tuple[float, float]:
+        """Validation loss = reconstruction NLL on fixed tiles (reference: no KL; its MC noise would make the
+        early-stopping signal noisy). Eval mode: BN running stats, no dropout."""
+        model.eval()
+        rec, kl, n = 0.0, 0.0, 0
+        g = torch.get_rng_state()
+        torch.manual_seed(tc.seed + 12345)  # same latent draws at every validation
+        with torch.no_grad():
+            for i in range(0, len(val_x), tc.batch_size):
+                x, y = val_x[i: i + tc.batch_size].to(device), val_y[i: i + tc.batch_size].to(device)
+                terms = objective(x, y, False)
+                rec += float(terms.reconstruction) * len(x)
+                kl += float(terms.kl) * len(x)
+                n += len(x)
+        torch.set_rng_state(g)
+        model.train()
+        return rec / n, kl / n
+
+    def checkpoint(path: Path) -> None:
+        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "state": state.to_dict(), "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            ck["rng_cuda"] = torch.cuda.get_rng_state()
+        torch_save(path, ck)
+
+    train_acc = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0}
+
+    def validation_round() -> bool:
+        """Validate, step the LR schedule, checkpoint, log. Returns True when early stopping triggers."""
+        val_rec, val_kl = validate()
+        sched.step(val_rec)
+        state.seconds = time.monotonic() - t_start
+        n = max(train_acc["n"], 1)
+        entry = {"step": state.step, "epoch": state.epoch, "train_loss": train_acc["loss"] / n,
+                 "train_reconstruction": train_acc["rec"] / n, "train_kl": train_acc["kl"] / n,
+                 "val_loss": val_rec, "val_kl": val_kl, "lr": opt.param_groups[0]["lr"],
+                 "seconds": round(state.seconds, 2)}
+        train_acc.update(loss=0.0, rec=0.0, kl=0.0, n=0)
+        improved = val_rec < state.best_val - 1e-6
+        if improved:
+            state.best_val, state.bad_validations = val_rec, 0
+            checkpoint(paths.best)
+        else:
+            state.bad_validations += 1
+        checkpoint(paths.last)  # after best: a kill between the two loses nothing that last.pt needs
+        with open(paths.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        bar.write(f"step {state.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
+                  f"{'  *best' if improved else ''}")
+        return state.bad_validations >= tc.early_stop_patience
+
+    steps_per_epoch = max(1, len(dataset) // tc.batch_size)
+    max_steps = tc.max_steps if tc.max_steps is not None else tc.max_epochs * steps_per_epoch
+    deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
+    t_start = time.monotonic() - state.seconds
+    stopped = "max_steps"
+    model.train()
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    while state.step < max_steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            stopped = "max_minutes"
+            break
+        dataset.set_epoch(state.epoch)
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed * 100003 + state.epoch))
+        idx = perm[state.pos: state.pos + tc.batch_size].tolist()
+        batch = [dataset[i] for i in idx]
+        x = torch.stack([b[0] for b in batch]).to(device)
+        y = torch.stack([b[1] for b in batch]).to(device)
+        terms = objective(x, y, True)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(terms.total):
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+        state.step += 1
+        state.pos += tc.batch_size
+        if state.pos + tc.batch_size > len(dataset):
+            state.epoch, state.pos = state.epoch + 1, 0
+        train_acc["loss"] += float(terms.total.detach())
+        train_acc["rec"] += float(terms.reconstruction)
+        train_acc["kl"] += float(terms.kl)
+        train_acc["n"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
+                        kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+
+        if state.step % tc.val_every == 0 or state.step >= max_steps:
+            if validation_round():
+                stopped = "early_stopping"
+                break
+    if stopped == "max_minutes" and state.step % tc.val_every != 0:
+        validation_round()  # stopped by the clock between validations: nothing trained is lost
+    bar.close()
+    state.seconds = time.monotonic() - t_start
+    return TrainResult(out, state.step, state.best_val, stopped, state.seconds)
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be produced again)."""
+    if not log.is_file():
+        return
+    keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    from .fileio import write_text
+
+    write_text(log, "".join(ln + "\n" for ln in keep))
