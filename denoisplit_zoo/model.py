@@ -98,7 +98,8 @@ def stable_std(logvar):
 
 def _latent(q_params: torch.Tensor, eps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q parameters (B, 2z, h, w) -> (z, eps, std_q): z = mu_q + std_q * eps; eps None draws torch.randn."""
-    mu_q, lv_q = q_params.chunk(2, dim=1)
+    # fp32 even under autocast: the KL sums ~10^5 elements and the variance exponentials need the range
+    mu_q, lv_q = q_params.float().chunk(2, dim=1)
     std_q = stable_std(lv_q)
     if eps is None:
         eps = torch.randn_like(mu_q)
@@ -108,7 +109,7 @@ def _latent(q_params: torch.Tensor, eps: Optional[torch.Tensor]) -> Tuple[torch.
 def _mc_kl(z: torch.Tensor, eps: torch.Tensor, std_q: torch.Tensor, p_params: torch.Tensor) -> torch.Tensor:
     """One-sample Monte-Carlo KL, log q(z) - log p(z) summed over (z, h, w) -> (B,) (reference: analytical_kl=False).
     The log(2*pi) terms cancel."""
-    mu_p, lv_p = p_params.chunk(2, dim=1)
+    mu_p, lv_p = p_params.float().chunk(2, dim=1)
     std_p = stable_std(lv_p)
     log_q = -0.5 * eps * eps - torch.log(std_q)
     log_p = -0.5 * ((z - mu_p) / std_p) ** 2 - torch.log(std_p)

@@ -114,7 +114,8 @@ class GMMNoiseModel(nn.Module):
 
 def fit_noise_model(signal: np.ndarray, observation: np.ndarray, n_gaussians: int = 6, n_coeffs: int = 4,
                     min_sigma: float = 0.125, n_iterations: int = 2000, batch_size: int = 250_000,
-                    lr: float = 0.1, seed: int = 0, progress: bool = True) -> GMMNoiseModel:
+                    lr: float = 0.1, seed: int = 0, progress: bool = True,
+                    device: str | torch.device = "cpu") -> GMMNoiseModel:
     """Fit a GMM noise model to (clean signal, noisy observation) pixel pairs, raw units.
 
     Adam, `batch_size` random pairs per iteration, loss = mean -log p(x | s) (PPN2V recipe). The signal range is the
@@ -130,22 +131,22 @@ def fit_noise_model(signal: np.ndarray, observation: np.ndarray, n_gaussians: in
     lo, hi = float(min(s.min(), x.min())), float(max(s.max(), x.max()))
     if hi <= lo:
         raise UserError("signal and observation are constant: nothing to fit")
-    model = GMMNoiseModel.init_for_range(lo, hi, n_gaussians, n_coeffs, min_sigma, seed)
+    model = GMMNoiseModel.init_for_range(lo, hi, n_gaussians, n_coeffs, min_sigma, seed).to(device)
     model.weight.requires_grad_(True)
     opt = torch.optim.Adam([model.weight], lr=lr)
-    st, xt = torch.from_numpy(s), torch.from_numpy(x)
-    g = torch.Generator().manual_seed(seed)
+    st, xt = torch.from_numpy(s).to(device), torch.from_numpy(x).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
     bs = min(batch_size, s.size)
     bar = tqdm(range(n_iterations), desc="noise model", disable=not progress, leave=False)
     for _ in bar:
-        idx = torch.randint(0, s.size, (bs,), generator=g)
+        idx = torch.randint(0, s.size, (bs,), generator=g, device=device)
         loss = -model.log_prob(xt[idx], st[idx]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         bar.set_postfix(nll=f"{loss.item():.4f}")
     model.weight.requires_grad_(False)
-    return model
+    return model.cpu()
 
 
 def pairs_from_frames(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -62,13 +62,15 @@ def _noise_model_pairs(prepared: PreparedData, c: int) -> tuple[np.ndarray, np.n
     return clean, noisy
 
 
-def fit_run_noise_models(cfg: RunConfig, prepared: PreparedData, progress: bool = True) -> list[GMMNoiseModel]:
+def fit_run_noise_models(cfg: RunConfig, prepared: PreparedData, progress: bool = True,
+                         device: str | torch.device = "cpu") -> list[GMMNoiseModel]:
     nmc = cfg.noise_model
     models = []
     for c in range(2):
         signal, obs = _noise_model_pairs(prepared, c)
         models.append(fit_noise_model(signal, obs, nmc.n_gaussians, nmc.n_coeffs, nmc.min_sigma, nmc.n_iterations,
-                                      nmc.batch_size, nmc.lr, seed=cfg.train.seed + c, progress=progress))
+                                      nmc.batch_size, nmc.lr, seed=cfg.train.seed + c, progress=progress,
+                                      device=device))
     return models
 
 
@@ -147,20 +149,26 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
         write_json(paths.normalization, prepared.norm.to_dict())
     norm = prepared.norm
 
+    # Noise models: the denoiSplit likelihood needs them; every run keeps them because calibration without clean
+    # data (calibrate --without-clean) subtracts the observation-noise variance they predict.
     noise_models: Optional[list[GMMNoiseModel]] = None
-    if tc.loss == "denoisplit":
-        if resume or (paths.noise_models / "ch0.npz").is_file():
-            noise_models = load_noise_models(paths.noise_models)
-        elif noise_model_files:
-            if len(noise_model_files) != 2:
-                raise UserError("--noise-models needs exactly two files (one per channel)")
-            noise_models = [GMMNoiseModel.load(f) for f in noise_model_files]
-        else:
-            noise_models = fit_run_noise_models(cfg, prepared, progress)
+    if (paths.noise_models / "ch0.npz").is_file():
+        noise_models = load_noise_models(paths.noise_models)
+    elif noise_model_files:
+        if len(noise_model_files) != 2:
+            raise UserError("--noise-models needs exactly two files (one per channel)")
+        noise_models = [GMMNoiseModel.load(f) for f in noise_model_files]
+    elif prepared.train.clean is not None:
+        noise_models = fit_run_noise_models(cfg, prepared, progress, device)
+    elif tc.loss == "denoisplit":
+        raise UserError("the denoisplit loss needs noise models: the data has no clean images, so fit them with "
+                        "`denoisplit-zoo noise-model fit` and pass --noise-models")
+    if noise_models is not None:
         for c, nm in enumerate(noise_models):
-            if not resume:
+            if not (paths.noise_models / f"ch{c}.npz").is_file():
                 nm.save(paths.noise_models / f"ch{c}.npz")
             nm.to(device)
+    loss_noise_models = noise_models if tc.loss == "denoisplit" else None
 
     model = build_model(cfg).to(device)
     opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
@@ -190,7 +198,7 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             pred, kls = model(x, compute_kl=True)
         return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=latent_shapes,
-                          noise_models=noise_models, target_mean=t_mean, target_std=t_std,
+                          noise_models=loss_noise_models, target_mean=t_mean, target_std=t_std,
                           kl_weight=tc.kl_weight, free_bits=tc.free_bits)
 
     def validate() -> tuple[float, float]:

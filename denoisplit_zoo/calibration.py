@@ -1,0 +1,276 @@
+"""Calibration of the posterior sample std: one scale per channel (denoiSplit, reference section 7.1).
+
+The sample std sigma of the K posterior samples is only proportional to the error of the MMSE estimate; `calibrate`
+finds, per channel, the scale s such that s * sigma best explains that error under a Gaussian likelihood, on the
+run's VALIDATION images, and stores it in RUN_DIR/calibration.json (the sampler multiplies its std by it).
+
+Two references for the error:
+- clean images (where they exist): err = MMSE - clean, and the Gaussian NLL sum [err^2 / (s^2 sigma^2) +
+  log(s^2 sigma^2)] is minimised in closed form by s^2 = mean(err^2 / sigma^2) (the reference fits the same NLL by
+  Adam; the optimum is identical);
+- noisy targets only (`--without-clean`, the realistic case for an unsupervised method): a noisy target is
+  clean + observation noise, so E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + var_NM(clean). The noisy target is then
+  Gaussian with variance s^2 sigma^2 + v, v = the noise model's variance at the predicted signal (raw units), and s^2
+  is its maximum-likelihood value, found by iteratively reweighted least squares on the moment equation
+  e^2 - v = s^2 sigma^2 (weights 1 / (s^2 sigma^2 + v)^2); with v = 0 this is exactly the closed form above.
+  Individual pixels may have e^2 - v < 0; they are kept (clipping them would bias s upwards); only the fitted s^2
+  is clipped at a small positive value.
+
+Reliability: pixels sorted by calibrated std, cut into `bins` (30) EQUAL-COUNT bins; per bin RMV = sqrt(mean std^2)
+and RMSE = sqrt(mean err^2) (noisy reference: sqrt(max(mean(err^2 - v), 0)), the error against the unseen clean
+image). slope, offset, r2 = linear regression of RMSE on RMV over the bins (ideal: 1, 0, 1).
+
+Units: everything here is RAW (the scale itself is unit-free).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .fileio import atomic_path, write_json
+
+DEFAULT_BINS = 30
+DEFAULT_SAMPLES = 50  # the paper's evaluation (mmse_count 50)
+_MIN_SCALE2 = 1e-12
+
+
+# --------------------------------------------------------------------------------------------------- pure numerics
+
+def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray] = None,
+              iterations: int = 100) -> float:
+    """Per-channel std scale s (unit-free) from flat arrays of squared errors err2 (raw^2), sample variances var
+    (raw^2, uncalibrated) and, for a noisy reference, the observation-noise variances noise_var (raw^2).
+
+    Clean reference: s^2 = mean(err2 / var) (closed-form Gaussian-NLL optimum). Noisy reference: the MLE of
+    err ~ N(0, s^2 var + noise_var) by IRLS (see the module docstring). Pixels with var <= 0 carry no information
+    about s and are ignored."""
+    err2, var = np.asarray(err2, np.float64).ravel(), np.asarray(var, np.float64).ravel()
+    ok = var > 0
+    if noise_var is None:
+        if not ok.any():
+            return float("nan")
+        return float(np.sqrt(max(np.mean(err2[ok] / var[ok]), _MIN_SCALE2)))
+    nv = np.asarray(noise_var, np.float64).ravel()[ok]
+    e2, v = err2[ok], var[ok]
+    if e2.size == 0:
+        return float("nan")
+    y = e2 - nv
+    s2 = max(float(np.mean(y) / np.mean(v)), 1e-3)  # moment estimate as the starting point
+    for _ in range(iterations):
+        w = 1.0 / (s2 * v + nv) ** 2
+        new = max(float(np.sum(w * y * v) / np.sum(w * v * v)), _MIN_SCALE2)
+        if abs(new - s2) <= 1e-10 * s2:
+            s2 = new
+            break
+        s2 = new
+    return float(np.sqrt(s2))
+
+
+def reliability(std: np.ndarray, err2: np.ndarray, noise_var: Optional[np.ndarray] = None,
+                bins: int = DEFAULT_BINS) -> dict:
+    """Equal-count bins of `std` (flat, raw): dict(rmv, rmse, count) lists, one entry per bin, plus
+    slope / offset / r2 of the linear regression RMSE = slope * RMV + offset. With noise_var, RMSE is the estimated
+    error against the clean image, sqrt(max(mean(err2 - noise_var), 0))."""
+    std = np.asarray(std, np.float64).ravel()
+    err2 = np.asarray(err2, np.float64).ravel()
+    if noise_var is not None:
+        err2 = err2 - np.asarray(noise_var, np.float64).ravel()
+    n = std.size
+    bins = int(max(1, min(bins, n)))
+    order = np.argsort(std, kind="stable")
+    rmv, rmse, count = [], [], []
+    for part in np.array_split(order, bins):
+        if part.size == 0:
+            continue
+        rmv.append(float(np.sqrt(np.mean(std[part] ** 2))))
+        rmse.append(float(np.sqrt(max(np.mean(err2[part]), 0.0))))
+        count.append(int(part.size))
+    slope, offset, r2 = _linear_fit(np.array(rmv), np.array(rmse))
+    return {"rmv": rmv, "rmse": rmse, "count": count, "slope": slope, "offset": offset, "r2": r2}
+
+
+def _linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(slope, offset, r^2) of y on x; NaN where x has no spread (a single bin, or all stds equal)."""
+    if x.size < 2 or not np.ptp(x) > 0:
+        return float("nan"), float("nan"), float("nan")
+    from scipy.stats import linregress
+
+    res = linregress(x, y)
+    return float(res.slope), float(res.intercept), float(res.rvalue**2)
+
+
+def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, names: list[str],
+                     noise_var: Optional[np.ndarray] = None, bins: int = DEFAULT_BINS,
+                     scales: Optional[list[float]] = None) -> dict:
+    """Per-channel calibration of (N, 2, Y, X) raw arrays: MMSE `mean`, UNCALIBRATED sample `std`, `target`
+    (clean, or noisy with `noise_var` (N, 2, Y, X) raw^2). With `scales` given, they are applied instead of
+    fitted (evaluation of an existing calibration; the fitted value is still reported as `optimal_scale`).
+
+    Returns {name: {scale, optimal_scale, slope, offset, r2, n_pixels, rmv, rmse, count}} (reliability of
+    scale * std)."""
+    out = {}
+    for c, name in enumerate(names):
+        err2 = (np.asarray(mean[:, c], np.float64) - target[:, c]) ** 2
+        var = np.asarray(std[:, c], np.float64) ** 2
+        nv = None if noise_var is None else noise_var[:, c]
+        best = fit_scale(err2, var, nv)
+        scale = best if scales is None else float(scales[c])
+        rel = reliability(scale * np.sqrt(var), err2, nv, bins)
+        out[name] = {"scale": scale, "optimal_scale": best, "slope": rel.pop("slope"), "offset": rel.pop("offset"),
+                     "r2": rel.pop("r2"), "n_pixels": int(err2.size), **rel}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- references and noise
+
+def noise_variance(noise_models: list, signal: np.ndarray, batch: int = 1 << 18) -> np.ndarray:
+    """Observation-noise variance (raw^2) of each channel's GMM noise model at `signal` (N, 2, Y, X) raw, the signal
+    clipped to the model's fitted range (its polynomials are meaningless outside). Evaluated in batches of pixels
+    (the mixture makes n_gaussians temporaries per pixel)."""
+    if len(noise_models) != 2:
+        raise UserError("calibrating against noisy targets needs the run's two noise models (noise_models/ch0.npz, "
+                        "ch1.npz)")
+    out = np.empty(signal.shape, np.float32)
+    with torch.no_grad():
+        for c, nm in enumerate(noise_models):
+            flat = np.asarray(signal[:, c], np.float32).ravel()
+            res = np.empty_like(flat)
+            lo, hi = float(nm.min_signal), float(nm.max_signal)
+            for i in range(0, flat.size, batch):
+                s = torch.from_numpy(np.clip(flat[i:i + batch], lo, hi))
+                res[i:i + batch] = nm.moments(s)[1].clamp(min=0).numpy()
+            out[:, c] = res.reshape(signal.shape[0], *signal.shape[2:])
+    return out
+
+
+def clean_on_target_scale(clean: np.ndarray, noisy: np.ndarray, noise_kind: str) -> np.ndarray:
+    """Clean references in the units of the noisy targets (N, 2, Y, X). Synthetic noise: they already are. Real
+    noise: clean and noisy may sit on different intensity scales (W2S stretches every 8-bit image on its own), so each
+    clean image is mapped onto its noisy image by a least-squares affine fit (as the noise-model fit in training)."""
+    if noise_kind != "real":
+        return clean
+    out = np.empty_like(clean)
+    for i in range(clean.shape[0]):
+        for c in range(clean.shape[1]):
+            a, b = np.polyfit(clean[i, c].ravel().astype(np.float64), noisy[i, c].ravel().astype(np.float64), 1)
+            out[i, c] = a * clean[i, c] + b
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- the plot
+
+def plot_calibration(channels: dict, path, title: str = "calibration") -> None:
+    """RMSE vs RMV per channel (equal-count bins, calibrated std) with the y = x line; PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(channels)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ch = channels[name]
+        rmv, rmse = np.array(ch["rmv"]), np.array(ch["rmse"])
+        hi = float(max(rmv.max(initial=0), rmse.max(initial=0))) * 1.05 or 1.0
+        ax.plot([0, hi], [0, hi], "k--", lw=1, label="y = x")
+        ax.plot(rmv, rmse, "o-", ms=3, label=f"{name}")
+        ax.set_xlim(0, hi)
+        ax.set_ylim(0, hi)
+        ax.set_xlabel("RMV (calibrated std, raw units)")
+        ax.set_ylabel("RMSE (raw units)")
+        ax.set_title(f"{name}: scale {ch['scale']:.3g}, slope {ch['slope']:.3g}, "
+                     f"offset {ch['offset']:.3g}, R² {ch['r2']:.3f}", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------- with a run
+
+def json_safe(obj):
+    """NaN / inf -> None: strict JSON has neither (e.g. the regression of a single bin, a perfect RI-PSNR)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def resolve_data_path(run, data: Optional[str]) -> str:
+    """The data set to rebuild splits from: `data` if given, else the run's config path (as written, or relative to
+    the run folder or its parent, since a relative path was relative to where `train` ran)."""
+    if data:
+        return data
+    p = Path(run.config.data.path)
+    for cand in (p, run.paths.root / p, run.paths.root.parent / p):
+        if cand.exists() or ("," in str(p) and all(Path(s.strip()).exists() for s in str(cand).split(","))):
+            return str(cand)
+    raise UserError(f"the run's training data is not at {p}; pass --data PATH (the same file the run was trained on)")
+
+
+def prepare_run_split(run, split: str, data: Optional[str] = None):
+    """Rebuild the run's data (deterministic: same file, split seed and noise seed) and return (SplitData, noise kind).
+    Checks that the rebuilt split matches the run's data_split.json."""
+    from .data import prepare_data
+
+    cfg = run.config.data.model_copy(update={"path": resolve_data_path(run, data)})
+    prepared = prepare_data(cfg, run.config.train.patch_size, None)
+    if run.data_split and run.data_split.get("mode") == "images" and split in run.data_split:
+        if list(run.data_split[split]) != list(prepared.split.get(split, [])):
+            raise UserError(f"the data at {cfg.path} does not split like the run's data_split.json ({split} images "
+                            f"{prepared.split.get(split)} vs {run.data_split[split]}); is it the training data?")
+    return getattr(prepared, split), prepared.noise_info.get("kind", "synthetic")
+
+
+def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
+                  bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
+                  max_images: Optional[int] = None,
+                  chunk: Optional[int] = None, progress: bool = True, device: str = "auto") -> dict:
+    """`denoisplit-zoo calibrate`: fit the per-channel scales on the run's validation images and write
+    RUN_DIR/calibration.json and RUN_DIR/calibration.png. Returns what calibration.json holds."""
+    from .run_folder import load_run
+    from .sampling import measure_halo, predict_stack
+    from .training import pick_device
+
+    if n_samples < 2:
+        raise UserError("calibration needs at least 2 posterior samples (--samples)")
+    run = load_run(run_dir)
+    val, noise_kind = prepare_run_split(run, "val", data)
+    n = len(val.inputs) if max_images is None else max(1, min(int(max_images), len(val.inputs)))
+    mode = "clean"
+    note = ""
+    if without_clean or val.clean is None:
+        mode = "noisy"
+        if not without_clean:
+            note = "no clean validation images: calibrated against the noisy targets with the noise models"
+    sampler = run.sampler(n_samples, seed).to(pick_device(device))
+    sampler.calibration_scale.fill_(1.0)  # fit on the raw sample std
+    halo = measure_halo(sampler.vae)
+    pred = predict_stack(sampler, val.inputs[:n], run.norm, tile, halo, chunk, progress, desc="calibrate")
+    targets = val.targets[:n]
+    if mode == "clean":
+        ref, nv = clean_on_target_scale(val.clean[:n], targets, noise_kind), None
+    else:
+        ref, nv = targets, noise_variance(run.noise_models, pred["mean"])
+    channels = calibrate_arrays(pred["mean"], pred["std"], ref, run.channel_names, nv, bins)
+    result = {"channels": channels, "mode": mode, "n_samples": int(n_samples), "seed": int(seed), "bins": int(bins),
+              "split": "val", "n_images": int(n), "halo": int(halo), "tile": int(tile)}
+    if n_samples < 10:  # E[1 / sample variance] grows fast for few samples (infinite for K = 2): s is biased up
+        note = (note + "; " if note else "") + (f"only {n_samples} posterior samples: the sample std is noisy and "
+                                                "the fitted scale is biased upwards (use >= 20)")
+    if note:
+        result["note"] = note
+    write_json(run.paths.calibration, json_safe(result))
+    plot_calibration(channels, run.paths.root / "calibration.png",
+                     title=f"calibration on validation images ({mode} reference, K={n_samples})")
+    return result

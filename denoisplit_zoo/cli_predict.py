@@ -1,0 +1,195 @@
+"""CLI commands of the sampling stage: `calibrate`, `evaluate`, `predict` (registered by cli._register_optional).
+
+`predict` runs a run folder or an exported package zip through the same SplitSampler, so both give identical numbers
+for the same K and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _common(p, samples_default, samples_help: str) -> None:
+    p.add_argument("--samples", type=_positive_int, default=samples_default, metavar="K", help=samples_help)
+    p.add_argument("--seed", type=int, default=None, help="seed of the counter-based latent noise (default 42)")
+    p.add_argument("--tile", type=_positive_int, default=512,
+                   help="tile size in pixels (rounded to a multiple of 2**n_levels; plus a halo each side)")
+    p.add_argument("--chunk", type=_positive_int, default=None,
+                   help="posterior samples per top-down batch (default: sized to ~1.5 GB of activations)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit the per-channel uncertainty scale on the validation images")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--without-clean", action="store_true",
+                   help="use only the noisy validation targets and the noise models (no clean images needed)")
+    p.add_argument("--data", help="the training data, if not at the path in the run's config.yaml")
+    p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
+    p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N validation images")
+    _common(p, 50, "posterior samples per pixel (default 50, as in the paper)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="metrics, figures and a report on the test split or given data")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--data", help="evaluation data (npz / TIFF folder / 'a.tif,b.tif'); default: the run's test split")
+    p.add_argument("--channels", nargs=2, type=int, metavar=("I", "J"), help="channels of --data (default: the run's)")
+    p.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    _common(p, 50, "posterior samples per pixel (default 50, as in the paper)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="split images (MMSE A, B and calibrated uncertainty) with a run or a package")
+    p.add_argument("model", metavar="RUN_DIR_OR_ZIP")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="superimposed images: TIFF or .npy, (Y, X) or (N, Y, X)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR")
+    _common(p, None, "posterior samples per pixel (default: 50 for a run folder, the package's K for a zip)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_calibrate(a) -> int:
+    from .calibration import calibrate_run
+
+    res = calibrate_run(a.run, without_clean=a.without_clean, n_samples=a.samples,
+                        seed=42 if a.seed is None else a.seed, bins=a.bins, data=a.data, tile=a.tile,
+                        max_images=a.max_images, chunk=a.chunk, progress=not a.no_progress, device=a.device)
+    for name, c in res["channels"].items():
+        print(f"{name}: scale {c['scale']:.4g}  (RMSE vs RMV: slope {_f(c['slope'])}, offset {_f(c['offset'])}, "
+              f"R² {_f(c['r2'])}; {c['n_pixels']} pixels)")
+    if res.get("note"):
+        print(f"note: {res['note']}")
+    print(f"calibration ({res['mode']} reference, K={res['n_samples']}) written: {Path(a.run) / 'calibration.json'}")
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluation import evaluate_run
+
+    if a.channels and not a.data:
+        raise UserError("--channels needs --data")
+    m = evaluate_run(a.run, a.out, data=a.data, channels=a.channels, n_samples=a.samples,
+                     seed=42 if a.seed is None else a.seed, max_images=a.max_images, tile=a.tile, bins=a.bins,
+                     chunk=a.chunk, progress=not a.no_progress, device=a.device)
+    print(f"RI-PSNR {_f(m['ri_psnr_mean'])} dB, MS-SSIM {_f(m['ms_ssim_mean'], 4)}, MicroSSIM "
+          f"{_f(m['micro_ssim_mean'], 4)} (mean of {', '.join(m['ri_psnr'])}; {m['n_images']} images vs "
+          f"{m['reference']} references); report: {Path(a.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    written = predict_files(a.model, a.inputs, a.out, n_samples=a.samples, seed=a.seed, tile=a.tile, chunk=a.chunk,
+                            progress=not a.no_progress, device=a.device)
+    print(f"wrote {len(written)} files to {a.out}")
+    return 0
+
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------------------- predict
+
+def load_sampler(model: str, n_samples: int | None, seed: int | None):
+    """RUN_DIR or package zip -> (SplitSampler, channel names, Normalization). Defaults: a run folder samples K = 50
+    with seed 42; a package uses its own K and seed."""
+    p = Path(model)
+    if p.is_dir():
+        from .run_folder import load_run
+
+        run = load_run(p)
+        return run.sampler(50 if n_samples is None else n_samples, 42 if seed is None else seed), \
+            list(run.channel_names), run.norm
+    if p.suffix.lower() == ".zip":
+        try:
+            from .export import load_package_sampler
+        except ImportError:
+            raise UserError("predicting with a package zip needs denoisplit_zoo.export (not installed)") from None
+        sampler, names, norm, _ = load_package_sampler(p, n_samples, seed)
+        return sampler, list(names), norm
+    if not p.exists():
+        raise UserError(f"missing model: {p} (give a run folder or an exported model.zip)")
+    raise UserError(f"{p}: not a run folder or a .zip package")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "channel"
+
+
+def _write_tiff(path: Path, arr: np.ndarray, meta: dict) -> None:
+    import tifffile
+
+    from .fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, np.ascontiguousarray(arr, dtype=np.float32), metadata=meta)
+
+
+def _read_input(path: str) -> np.ndarray:
+    from .cli import _read_image
+
+    arr = _read_image(path)
+    if arr.ndim not in (2, 3) or min(arr.shape) < 1:
+        raise UserError(f"{path}: shape {arr.shape}; expected one superimposed image (Y, X) or a stack (N, Y, X)")
+    return arr
+
+
+def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None = None, seed: int | None = None,
+                  tile: int = 512, chunk: int | None = None, progress: bool = True, device: str = "auto") -> list[Path]:
+    """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
+    `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
+    raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). All inputs are
+    read and checked before any prediction; every file is written atomically."""
+    from tqdm.auto import tqdm
+
+    from .sampling import measure_halo, predict_stack
+
+    stems = [Path(i).stem for i in inputs]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise UserError(f"two inputs share the name {dup[0]!r}; their outputs would overwrite each other")
+    arrays = [_read_input(i) for i in inputs]  # fail on a bad input before spending time on the others
+    from .training import pick_device
+
+    sampler, names, norm = load_sampler(model, n_samples, seed)
+    sampler = sampler.to(pick_device(device))
+    halo = measure_halo(sampler.vae)
+    out = Path(out_dir)
+    written: list[Path] = []
+    base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
+            "units": "raw", "tile": int(tile), "halo": int(halo),
+            "calibration_scale": [float(v) for v in sampler.calibration_scale]}
+    jobs = list(zip(inputs, stems, arrays))
+    for src, stem, arr in tqdm(jobs, desc="inputs", disable=not progress or len(inputs) < 2):
+        res = predict_stack(sampler, arr, norm, tile, halo, chunk, progress)
+        mean, std = res["mean"], res["std"]  # (N, 2, Y, X)
+        stack = arr.ndim == 3
+        meta = dict(base, input=str(src))
+        for c, name in enumerate(names):
+            path = out / f"{stem}_{_safe_name(name)}.tif"
+            _write_tiff(path, mean[:, c] if stack else mean[0, c],
+                        dict(meta, channel=name, quantity="MMSE estimate", axes="NYX" if stack else "YX"))
+            written.append(path)
+        path = out / f"{stem}_uncertainty.tif"
+        _write_tiff(path, std if stack else std[0],
+                    dict(meta, channels=list(names), quantity="calibrated posterior std",
+                         axes="NCYX" if stack else "CYX"))
+        written.append(path)
+    return written

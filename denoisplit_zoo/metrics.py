@@ -1,0 +1,178 @@
+"""Image-quality metrics of the paper's evaluation (reference section 6): range-invariant PSNR, MS-SSIM, MicroSSIM.
+
+All functions take one channel: a frame (Y, X) or a stack of frames (N, Y, X), ground truth first, in any units
+(raw or normalised: RI-PSNR and MicroSSIM are range invariant; MS-SSIM uses the ground truth's range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import numpy as np
+import torch
+
+# MS-SSIM's standard five scales (Wang et al. 2003; pytorch-msssim's defaults)
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_WIN = 11
+_MSE_IDENTICAL = 1e-24  # float64 round-off of an exact affine match is ~1e-31
+
+
+def _frames(a) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"expected a frame (Y, X) or frames (N, Y, X), got shape {a.shape}")
+    return a
+
+
+def _check_pair(gt, pred) -> tuple[np.ndarray, np.ndarray]:
+    gt, pred = _frames(gt), _frames(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} differ in shape")
+    return gt, pred
+
+
+def ri_psnr_frame(gt, pred) -> float:
+    """Range-invariant PSNR (dB) of one frame, exactly the reference's `core/psnr.py`:
+
+        r  = (max(gt) - min(gt)) / std(gt)              std: unbiased (n - 1), over the flattened frame
+        g  = (gt - mean(gt)) / std(gt),  g <- g - mean(g)
+        p0 = pred - mean(pred)
+        a  = sum(g * p0) / sum(p0**2)                   least-squares scale of the prediction onto g
+        PSNR = 20 * log10( r / sqrt(mean((g - a * p0)**2)) )
+
+    The prediction's offset and scale do not matter (hence "range invariant"). Frames equal up to float64 round-off
+    (mse <= 1e-24 in these standardised units, i.e. above ~240 dB) give +inf; a constant prediction is scaled by
+    a = 0; a constant ground truth gives NaN (no range to compare against).
+    """
+    g = np.asarray(gt, dtype=np.float64).ravel()
+    p = np.asarray(pred, dtype=np.float64).ravel()
+    if g.size < 2:
+        return float("nan")
+    sd = g.std(ddof=1)
+    if not sd > 0:
+        return float("nan")
+    r = (g.max() - g.min()) / sd
+    g = (g - g.mean()) / sd
+    g = g - g.mean()
+    p0 = p - p.mean()
+    denom = float(np.sum(p0 * p0))
+    a = float(np.sum(g * p0)) / denom if denom > 0 else 0.0
+    mse = float(np.mean((g - a * p0) ** 2))
+    if mse <= _MSE_IDENTICAL:
+        return float("inf")
+    return 20.0 * math.log10(r / math.sqrt(mse))
+
+
+def ri_psnr(gt, pred) -> float:
+    """Range-invariant PSNR (dB) per frame (`ri_psnr_frame`), averaged over the frames of (N, Y, X) / (Y, X)."""
+    gt, pred = _check_pair(gt, pred)
+    return float(np.mean([ri_psnr_frame(g, p) for g, p in zip(gt, pred)]))
+
+
+def ms_ssim_levels(height: int, width: int, win_size: int = MS_SSIM_WIN) -> int:
+    """How many MS-SSIM scales a frame supports: pytorch-msssim needs the smaller side > (win - 1) * 2**4 (= 160 px)
+    for all five; a smaller frame gets the largest L with side > (win - 1) * 2**(L - 1); 0 if below one window."""
+    side = min(height, width)
+    for levels in range(len(MS_SSIM_WEIGHTS), 0, -1):
+        if side > (win_size - 1) * 2 ** (levels - 1):
+            return levels
+    return 0
+
+
+def _ms_ssim_few_levels(x: torch.Tensor, y: torch.Tensor, data_range: float, levels: int) -> torch.Tensor:
+    """MS-SSIM over the first `levels` scales (weights rescaled to the five weights' total), same algorithm as
+    pytorch-msssim's ms_ssim (which refuses frames <= 160 px); levels = 1 is plain SSIM."""
+    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+    w = torch.tensor(MS_SSIM_WEIGHTS[:levels], dtype=x.dtype)
+    w = w * (sum(MS_SSIM_WEIGHTS) / w.sum())  # same total as the five standard weights (which sum to 1.0001)
+    win = _fspecial_gauss_1d(MS_SSIM_WIN, 1.5).to(x.dtype).repeat([x.shape[1], 1, 1, 1])
+    mcs = []
+    for i in range(levels):
+        ssim_pc, cs = _ssim(x, y, win=win, data_range=data_range, size_average=False, K=(0.01, 0.03))
+        if i < levels - 1:
+            mcs.append(torch.relu(cs))
+            pad = [s % 2 for s in x.shape[2:]]
+            x = torch.nn.functional.avg_pool2d(x, kernel_size=2, padding=pad)
+            y = torch.nn.functional.avg_pool2d(y, kernel_size=2, padding=pad)
+    stack = torch.stack(mcs + [torch.relu(ssim_pc)], dim=0)
+    return torch.prod(stack ** w.view(-1, 1, 1), dim=0).mean(1)  # (N,)
+
+
+def ms_ssim(gt, pred, data_range: float | None = None) -> float:
+    """Multi-scale SSIM (pytorch-msssim, 11-px Gaussian window, sigma 1.5, K = (0.01, 0.03)), mean over frames.
+
+    data_range defaults to max(gt) - min(gt) over the whole stack (the reference's torchmetrics call). Frames with a
+    smaller side <= 160 px cannot hold five scales: they use as many as fit (weights renormalised; see
+    `ms_ssim_levels`), with a warning; below one 11-px window the result is NaN.
+    """
+    from pytorch_msssim import ms_ssim as _ms_ssim
+
+    gt, pred = _check_pair(gt, pred)
+    if data_range is None:
+        data_range = float(gt.max() - gt.min())
+    if not data_range > 0:
+        return float("nan")
+    levels = ms_ssim_levels(*gt.shape[-2:])
+    if levels == 0:
+        return float("nan")
+    x = torch.from_numpy(gt)[:, None]
+    y = torch.from_numpy(pred)[:, None]
+    if levels == len(MS_SSIM_WEIGHTS):
+        val = _ms_ssim(x, y, data_range=data_range, size_average=False)
+    else:
+        warnings.warn(f"MS-SSIM: frames of {gt.shape[-2]}x{gt.shape[-1]} px hold only {levels} of 5 scales",
+                      stacklevel=2)
+        val = _ms_ssim_few_levels(x, y, data_range, levels)
+    return float(val.mean())
+
+
+def micro_ssim(gt, pred) -> float:
+    """MicroSSIM (package `microssim`): background offsets and the range-invariant factor fitted over all frames of
+    the channel (as microSplit's paper metrics do), then the score averaged over frames."""
+    from microssim import MicroSSIM
+
+    gt, pred = _check_pair(gt, pred)
+    if not gt.max() > gt.min():
+        return float("nan")
+    with warnings.catch_warnings(), _quiet_microssim():
+        warnings.simplefilter("ignore")  # microssim warns about float64 / ranges on normal use
+        m = MicroSSIM().fit(gt, pred)
+        return float(np.mean([m.score(g, p) for g, p in zip(gt, pred)]))
+
+
+@contextlib.contextmanager
+def _quiet_microssim():
+    """microssim 0.0.5 draws an unconditional tqdm bar per fit; our callers show their own progress."""
+    try:
+        from microssim.ri_factor import ri_factor as mod
+    except ImportError:  # another microssim layout: leave it alone
+        yield
+        return
+    old = getattr(mod, "tqdm", None)
+    mod.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        mod.tqdm = old
+
+
+def channel_metrics(gt: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
+    """All metrics for (N, 2, Y, X) ground truth and prediction (same units): {metric: {name: value},
+    metric_mean: mean over the two channels} for ri_psnr, ms_ssim, micro_ssim; plus ms_ssim_levels."""
+    gt, pred = np.asarray(gt), np.asarray(pred)
+    if gt.shape != pred.shape or gt.ndim != 4 or gt.shape[1] != len(names):
+        raise ValueError(f"expected matching (N, {len(names)}, Y, X) arrays, got {gt.shape} and {pred.shape}")
+    out: dict = {}
+    for key, fn in (("ri_psnr", ri_psnr), ("ms_ssim", ms_ssim), ("micro_ssim", micro_ssim)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="MS-SSIM: frames")  # reported as ms_ssim_levels instead
+            vals = {n: fn(gt[:, c], pred[:, c]) for c, n in enumerate(names)}
+        out[key] = vals
+        out[f"{key}_mean"] = float(np.mean(list(vals.values())))
+    out["ms_ssim_levels"] = ms_ssim_levels(*gt.shape[-2:])
+    return out

@@ -1,0 +1,125 @@
+"""Calibration: a known scale is recovered with clean and with noisy references; reliability bins; `calibrate`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from denoisplit_zoo.calibration import calibrate_arrays, fit_scale, noise_variance, reliability
+from denoisplit_zoo.noise_model import GMMNoiseModel
+from denoisplit_zoo.run_folder import load_run
+
+TRUE = (2.5, 0.7)  # the error std is TRUE[c] x the sample std
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _linear_noise_model(a: float = 20.0, b: float = 100.0, hi: float = 250.0) -> GMMNoiseModel:
+    """One Gaussian, variance a + b * s / hi (raw units^2) for signal s in [0, hi]: a noise model of known variance."""
+    w = torch.tensor([[0.0, 0.0], [math.log(a), math.log(b)], [0.0, 0.0]])
+    return GMMNoiseModel(w, 0.0, hi, min_sigma=0.125)
+
+
+def _synthetic(shape=(4, 2, 64, 64), seed=0):
+    """clean signal, sample std sigma (log-normal spread), MMSE = clean + N(0, (TRUE * sigma)^2)."""
+    rng = np.random.default_rng(seed)
+    clean = rng.uniform(10, 240, size=shape)
+    sigma = np.exp(rng.normal(0, 0.5, size=shape)) * 3
+    mean = clean + rng.normal(size=shape) * sigma * np.array(TRUE).reshape(1, 2, 1, 1)
+    return clean, sigma, mean, rng
+
+
+def test_known_noise_model_variance():
+    nm = _linear_noise_model()
+    _, var = nm.moments(torch.tensor([0.0, 125.0, 250.0]))
+    torch.testing.assert_close(var, torch.tensor([20.0, 70.0, 120.0]))
+
+
+def test_recovers_scale_with_clean_references():
+    clean, sigma, mean, _ = _synthetic()
+    res = calibrate_arrays(mean, sigma, clean, ["A", "B"])
+    for c, name in enumerate("AB"):
+        assert res[name]["scale"] == pytest.approx(TRUE[c], rel=0.03)
+        # the calibrated std explains the error: RMSE vs RMV on the identity line
+        assert res[name]["slope"] == pytest.approx(1.0, abs=0.1)
+        assert abs(res[name]["offset"]) < 0.1 * np.mean(res[name]["rmse"])
+        assert res[name]["r2"] > 0.95 and res[name]["n_pixels"] == 4 * 64 * 64
+    # the closed form is the Gaussian-NLL optimum: any other scale has a higher NLL
+    err2, var = (mean[:, 0] - clean[:, 0]) ** 2, sigma[:, 0] ** 2
+    nll = lambda s: np.mean(err2 / (s**2 * var) + np.log(s**2 * var))  # noqa: E731
+    s = res["A"]["scale"]
+    assert nll(s) < min(nll(0.97 * s), nll(1.03 * s))
+
+
+def test_recovers_scale_from_noisy_targets_with_the_noise_model():
+    """No clean data: noisy = clean + N(0, var_NM(clean)); the observation-noise variance at the PREDICTED signal
+    is removed. The noise dominates channel B (var 20..120 vs (0.7 * 3)^2) and still the scale is found."""
+    clean, sigma, mean, rng = _synthetic(seed=1)
+    nms = [_linear_noise_model(), _linear_noise_model()]
+    noisy = clean + rng.normal(size=clean.shape) * np.sqrt(noise_variance(nms, clean))
+    res = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=noise_variance(nms, mean))
+    for c, name in enumerate("AB"):
+        assert res[name]["scale"] == pytest.approx(TRUE[c], rel=0.06)
+    # ignoring the observation noise would overestimate the scale badly
+    naive = fit_scale((mean[:, 1] - noisy[:, 1]) ** 2, sigma[:, 1] ** 2)
+    assert naive > 2 * TRUE[1]
+
+
+def test_reliability_equal_count_bins():
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.5, 3, 3000)
+    err2 = (rng.normal(size=3000) * std) ** 2
+    rel = reliability(std, err2, bins=30)
+    assert len(rel["rmv"]) == 30 and set(rel["count"]) == {100}
+    assert rel["rmv"] == sorted(rel["rmv"])
+    assert rel["slope"] == pytest.approx(1.0, abs=0.2) and rel["r2"] > 0.8
+    assert len(reliability(std[:7], err2[:7], bins=30)["rmv"]) == 7  # fewer pixels than bins
+
+
+def test_calibrate_command_with_and_without_clean(tiny_run, tmp_path):
+    from denoisplit_zoo.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["calibrate", str(run), "--samples", "3", "--bins", "10", "--no-progress"]) == 0
+    cal = json.loads((run / "calibration.json").read_text())
+    assert cal["mode"] == "clean" and cal["n_samples"] == 3 and cal["bins"] == 10 and cal["split"] == "val"
+    loaded = load_run(run)
+    for name in loaded.channel_names:
+        ch = cal["channels"][name]
+        assert ch["scale"] > 0 and set(ch) >= {"scale", "slope", "offset", "r2", "n_pixels"}
+        assert len(ch["rmv"]) == 10
+    assert loaded.calibration_scale == [cal["channels"][n]["scale"] for n in loaded.channel_names]
+    assert (run / "calibration.png").stat().st_size > 1000
+    assert "scale" in out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["calibrate", str(run), "--samples", "3", "--without-clean", "--no-progress"]) == 0
+    noisy = json.loads((run / "calibration.json").read_text())
+    assert noisy["mode"] == "noisy" and all(noisy["channels"][n]["scale"] > 0 for n in loaded.channel_names)
+    assert not list(run.glob(".*.tmp*"))  # atomic writes leave no temporaries
+
+
+def test_calibrate_refuses_one_sample_and_missing_data(tiny_run, tmp_path, capsys):
+    from denoisplit_zoo.cli import main
+
+    assert main(["calibrate", str(tiny_run), "--samples", "1", "--no-progress"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert main(["calibrate", str(tiny_run), "--data", str(tmp_path / "nope.npz"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.npz" in err and len(err.strip().splitlines()) == 1
+    assert not (tiny_run / "calibration.json").exists()

@@ -1,0 +1,52 @@
+"""KL weighting of denoiSplit vs uSplit and the noise-model reconstruction term."""
+
+import math
+
+import pytest
+import torch
+
+from denoisplit_zoo.losses import gaussian_nll, kl_level_weights, kl_term, noise_model_nll
+from denoisplit_zoo.model import LadderVAE
+from denoisplit_zoo.noise_model import GMMNoiseModel
+
+
+def test_denoisplit_divides_every_level_by_the_image_pixels():
+    m = LadderVAE(n_levels=4, z_dim=128, n_filters=8, patch_size=128)
+    shapes = m.latent_shapes(128, 128)
+    assert shapes == [(128, 64, 64), (128, 32, 32), (128, 16, 16), (128, 8, 8)]
+    assert kl_level_weights("denoisplit", shapes, 128 * 128) == [1 / 16384] * 4
+
+
+def test_usplit_vs_denoisplit_weight_ratio_per_level():
+    shapes = [(128, 64, 64), (128, 32, 32), (128, 16, 16), (128, 8, 8)]
+    d = kl_level_weights("denoisplit", shapes, 128 * 128)
+    u = kl_level_weights("usplit", shapes, 128 * 128)
+    # denoiSplit / uSplit = L * latent elements / image pixels: x128, x32, x8, x2 (reference notes 2.3)
+    assert [round(a / b, 6) for a, b in zip(d, u)] == [128.0, 32.0, 8.0, 2.0]
+    for (c, h, w), a, b in zip(shapes, d, u):
+        assert a / b == pytest.approx(len(shapes) * c * h * w / (128 * 128))
+
+
+def test_free_bits_clamp_per_sample_and_level():
+    kls = [torch.tensor([0.5, 4.0]), torch.tensor([10.0, 0.0])]
+    got = kl_term(kls, [1.0, 0.5], free_bits=1.0)
+    assert float(got) == pytest.approx((1.0 + 4.0) / 2 + 0.5 * (10.0 + 1.0) / 2)
+
+
+def test_noise_model_nll_unnormalises_with_target_stats():
+    w = torch.zeros(3, 2)
+    w[1, 0], w[1, 1] = math.log(4.0), -50.0  # one Gaussian, variance 4 (+ e^-50 s), mean = signal
+    nm = GMMNoiseModel(w, 0.0, 100.0, min_sigma=1e-3)
+    pred = torch.zeros(1, 2, 1, 1)  # normalised 0 -> raw = target mean
+    target = torch.tensor([[10.0, 52.0]]).view(1, 2, 1, 1)
+    got = noise_model_nll(pred, target, [nm, nm], torch.tensor([10.0, 50.0]), torch.tensor([5.0, 5.0]))
+    expected = 0.5 * (0.5 * math.log(2 * math.pi * 4) + (0.5 * math.log(2 * math.pi * 4) + 0.5 * 4 / 4))
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gaussian_nll_minimum_at_the_target():
+    target = torch.full((1, 2, 3, 3), 7.0)
+    mean, std = torch.tensor([7.0, 7.0]), torch.tensor([1.0, 1.0])
+    at = gaussian_nll(torch.zeros(1, 4, 3, 3), target, mean, std)
+    off = gaussian_nll(torch.cat([torch.ones(1, 2, 3, 3), torch.zeros(1, 2, 3, 3)], 1), target, mean, std)
+    assert float(at) == pytest.approx(0.5 * math.log(2 * math.pi)) and float(off) > float(at)
