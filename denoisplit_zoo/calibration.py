@@ -15,6 +15,11 @@ Two references for the error:
   e^2 - v = s^2 sigma^2 (weights 1 / (s^2 sigma^2 + v)^2); with v = 0 this is exactly the closed form above.
   Individual pixels may have e^2 - v < 0; they are kept (clipping them would bias s upwards); only the fitted s^2
   is clipped at a small positive value.
+  One more term matters in practice: the INPUT contains the target's own noise (input = noisy A + noisy B), so the
+  MMSE leans towards it and E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + v - 2 v d, with d = dMMSE_c(x) / dinput(x)
+  the network's local gain (Stein's identity, as in SURE). Without it the noise is over-subtracted and s collapses
+  (measured on W2S: s -> 0 for uSplit models). `calibrate --without-clean` estimates d by one finite-difference
+  probe with a random +-1 perturbation of the input (Hutchinson), locally averaged, and uses v (1 - 2 d).
 
 Reliability: pixels sorted by calibrated std, cut into `bins` (30) EQUAL-COUNT bins; per bin RMV = sqrt(mean std^2)
 and RMSE = sqrt(mean err^2) (noisy reference: sqrt(max(mean(err^2 - v), 0)), the error against the unseen clean
@@ -62,7 +67,8 @@ def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray]
     y = e2 - nv
     s2 = max(float(np.mean(y) / np.mean(v)), 1e-3)  # moment estimate as the starting point
     for _ in range(iterations):
-        w = 1.0 / (s2 * v + nv) ** 2
+        # total variance floored: the gain-corrected noise variance can be <= 0 at single pixels
+        w = 1.0 / np.maximum(s2 * v + nv, 1e-12 * np.mean(v)) ** 2
         new = max(float(np.sum(w * y * v) / np.sum(w * v * v)), _MIN_SCALE2)
         if abs(new - s2) <= 1e-10 * s2:
             s2 = new
@@ -232,6 +238,24 @@ def prepare_run_split(run, split: str, data: Optional[str] = None):
     return getattr(prepared, split), prepared.noise_info.get("kind", "synthetic")
 
 
+def input_gain(sampler, inputs: np.ndarray, mean: np.ndarray, norm, tile: int, halo: int, chunk: Optional[int],
+               progress: bool, seed: int, rel_step: float = 0.01, smooth: int = 9) -> np.ndarray:
+    """d[n, c, y, x] ~ dMMSE_c(y, x) / dinput(y, x) (raw / raw, unit-free): the share of a pixel's input noise that
+    the MMSE of channel c keeps. One Hutchinson probe: input + h * eps with eps = +-1 per pixel and h = rel_step x the
+    input std (the latent noise is the same counter-hash draw, so the MMSE is a deterministic function of the input);
+    eps * (MMSE(input + h eps) - MMSE(input)) / h is unbiased for the diagonal, and a smooth x smooth box average
+    removes most of the off-diagonal noise."""
+    from scipy.ndimage import uniform_filter
+
+    from .sampling import predict_stack
+
+    h = rel_step * float(norm.input_std)
+    eps = np.where(np.random.default_rng(seed).random(inputs.shape) < 0.5, -1.0, 1.0).astype(np.float32)
+    probe = predict_stack(sampler, inputs + h * eps, norm, tile, halo, chunk, progress, desc="calibrate (gain)")
+    d = eps[:, None] * (probe["mean"] - mean) / h
+    return uniform_filter(d, size=(1, 1, smooth, smooth), mode="reflect")
+
+
 def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
                   bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
                   max_images: Optional[int] = None,
@@ -261,7 +285,8 @@ def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT
     if mode == "clean":
         ref, nv = clean_on_target_scale(val.clean[:n], targets, noise_kind), None
     else:
-        ref, nv = targets, noise_variance(run.noise_models, pred["mean"])
+        gain = input_gain(sampler, val.inputs[:n], pred["mean"], run.norm, tile, halo, chunk, progress, seed)
+        ref, nv = targets, noise_variance(run.noise_models, pred["mean"]) * (1.0 - 2.0 * gain)
     channels = calibrate_arrays(pred["mean"], pred["std"], ref, run.channel_names, nv, bins)
     result = {"channels": channels, "mode": mode, "n_samples": int(n_samples), "seed": int(seed), "bins": int(bins),
               "split": "val", "n_images": int(n), "halo": int(halo), "tile": int(tile)}

@@ -1,12 +1,15 @@
 """`denoisplit-zoo` command line: a thin layer over the Python API (each command calls one function).
 
-Errors a user can fix (UserError, a missing file, a bad value) print one line and exit 2; nothing half-written
-stays behind because every writer in the package is atomic.
+Errors a user can fix (UserError, a missing file, a bad value, a full disk, an unwritable folder) print one line
+and exit 2; nothing half-written stays behind because every writer in the package is atomic, and commands that write
+several files remove them again when they fail (fileio.OutputSet). Anything else is a bug: still one line ("internal
+error", exit 1) unless DENOISPLIT_ZOO_TRACEBACK=1 asks for the traceback. docs/bad_inputs.md lists what was tried.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +36,7 @@ def _add_train(sub) -> None:
 
 def _cmd_train(a) -> int:
     from .config import build_run_config
+    from .errors import UserError
     from .fileio import read_yaml
     from .training import train
 
@@ -40,12 +44,20 @@ def _cmd_train(a) -> int:
     if a.config:
         over = read_yaml(a.config) or {}
         if not isinstance(over, dict):
-            from .errors import UserError
+            raise UserError(f"{a.config}: expected a mapping of sections (model, noise_model, train, data)")
 
-            raise UserError(f"{a.config}: expected a mapping")
-    preset = a.preset or over.pop("preset", "small")
-    tr, dt, nz = over.setdefault("train", {}), over.setdefault("data", {}), None
-    nz = dt.setdefault("noise", {})
+    def section(parent: dict, key: str, where: str) -> dict:
+        val = parent.setdefault(key, {})
+        if val is None:
+            val = parent[key] = {}
+        if not isinstance(val, dict):
+            raise UserError(f"{a.config}: {where}: expected a mapping, got {type(val).__name__} {val!r:.40}")
+        return val
+
+    preset = a.preset or over.get("preset", "small")  # --preset wins over the file's preset
+    over.pop("preset", None)
+    tr, dt = section(over, "train", "train"), section(over, "data", "data")
+    nz = section(dt, "noise", "data.noise")
     for key, val in [("loss", a.loss), ("max_minutes", a.max_minutes), ("max_steps", a.max_steps),
                      ("seed", a.seed), ("device", a.device)]:
         if val is not None:
@@ -88,21 +100,26 @@ def _add_noise_model(sub) -> None:
 def _read_image(path: str):
     import numpy as np
 
+    from .data import as_float32
     from .errors import UserError
+    from .fileio import one_line, read_tiff
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"missing file: {p}")
-    try:
-        if p.suffix.lower() == ".npy":
+    if p.suffix.lower() == ".npy":
+        try:
             arr = np.load(p, allow_pickle=False)
-        else:
-            import tifffile
-
-            arr = tifffile.imread(p)
-    except Exception as e:
-        raise UserError(f"{p}: cannot read image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    arr = np.asarray(arr, dtype=np.float32)
+        except Exception as e:  # truncated file, bad header, object array (needs pickle)
+            raise UserError(f"{p} is not a readable .npy file ({one_line(e)})") from None
+        if not isinstance(arr, np.ndarray):  # np.load opens a zip (.npz) whatever the file is called
+            arr.close()
+            raise UserError(f"{p} is an .npz archive, not one .npy array")
+    else:
+        arr = read_tiff(p)
+    if arr.dtype.kind not in "biuf":
+        raise UserError(f"{p}: dtype {arr.dtype}; expected integer or float pixels")
+    arr = as_float32(arr, p)
     if not np.isfinite(arr).all():
         raise UserError(f"{p}: contains NaN or inf")
     return arr
@@ -170,14 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"denoisplit-zoo: error: {e}", file=sys.stderr)
+        print(f"denoisplit-zoo: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("denoisplit-zoo: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permission denied, ...: the writer already removed its temp file
-        print(f"denoisplit-zoo: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        print(f"denoisplit-zoo: error: {e.strerror or _first_line(e)}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("DENOISPLIT_ZOO_TRACEBACK"):
+            raise
+        print(f"denoisplit-zoo: internal error: {type(e).__name__}: {_first_line(e)} "
+              "(set DENOISPLIT_ZOO_TRACEBACK=1 for the traceback; please report it)", file=sys.stderr)
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":

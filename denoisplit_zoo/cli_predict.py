@@ -136,10 +136,10 @@ def _safe_name(name: str) -> str:
 def _write_tiff(path: Path, arr: np.ndarray, meta: dict) -> None:
     import tifffile
 
-    from .fileio import atomic_path
+    from .fileio import atomic_open
 
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, np.ascontiguousarray(arr, dtype=np.float32), metadata=meta)
+    with atomic_open(path) as f:
+        tifffile.imwrite(f, np.ascontiguousarray(arr, dtype=np.float32), metadata=meta)
 
 
 def _read_input(path: str) -> np.ndarray:
@@ -156,22 +156,30 @@ def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None 
     """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
     `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
     raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). All inputs are
-    read and checked before any prediction; every file is written atomically."""
-    from tqdm.auto import tqdm
-
-    from .sampling import measure_halo, predict_stack
+    read and checked, and OUT_DIR created, before any prediction; every file is written atomically, and the outputs
+    are all-or-nothing: if anything fails (a full disk, Ctrl-C), the files this call wrote and the folders it created
+    are removed again."""
+    from .fileio import OutputSet
 
     stems = [Path(i).stem for i in inputs]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise UserError(f"two inputs share the name {dup[0]!r}; their outputs would overwrite each other")
     arrays = [_read_input(i) for i in inputs]  # fail on a bad input before spending time on the others
+    with OutputSet(out_dir):  # creates OUT_DIR now: an impossible output folder fails before any work
+        return _predict_files(model, inputs, arrays, stems, Path(out_dir), n_samples, seed, tile, chunk, progress,
+                              device)
+
+
+def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, tile, chunk, progress, device):
+    from tqdm.auto import tqdm
+
+    from .sampling import measure_halo, predict_stack
     from .training import pick_device
 
     sampler, names, norm = load_sampler(model, n_samples, seed)
     sampler = sampler.to(pick_device(device))
     halo = measure_halo(sampler.vae)
-    out = Path(out_dir)
     written: list[Path] = []
     base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
             "units": "raw", "tile": int(tile), "halo": int(halo),

@@ -154,13 +154,35 @@ def build_run_config(preset: str = "small", overrides: Optional[dict] = None) ->
     return validate_config(raw)
 
 
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` sits (for "did you mean ...?")."""
+    model = RunConfig
+    for part in loc[:-1]:
+        field_info = model.model_fields.get(str(part))
+        ann = getattr(field_info, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    """raw nested dict -> RunConfig; the first problem becomes a one-line UserError naming the key (with the
+    closest known key for a typo)."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        raise UserError(f"{source}: {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            import difflib
+
+            known = _known_keys(tuple(err["loc"]))
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else
+                                   f" (known: {', '.join(known)})" if known else "")
+        raise UserError(f"{source}: {where}: {msg}") from None
 
 
 def load_run_config(path: str | Path) -> RunConfig:

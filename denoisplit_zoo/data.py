@@ -23,18 +23,29 @@ import torch
 
 from .config import DataConfig
 from .errors import UserError
-from .fileio import write_json
+from .fileio import one_line, read_tiff, write_json
 
 SPLITS = ("train", "val", "test")
 _TIFF_SUFFIXES = (".tif", ".tiff")
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
+def as_float32(a: np.ndarray, where) -> np.ndarray:
+    """Pixels as float32 (the package's working type). float64 values beyond float32's range (+-3.4e38) would
+    silently become inf: that is a UserError naming the file instead (NaN/inf already in the file pass through and
+    are reported by the finiteness check)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(a, dtype=np.float32)
+    if a.dtype.kind == "f" and a.dtype.itemsize > 4 and np.isinf(out).any():
+        finite = np.isfinite(a)
+        if (np.isinf(out) & finite).any():
+            big = float(np.abs(a[finite]).max())
+            raise UserError(f"{where}: values beyond float32's range (max |x| {big:.3g}); rescale the data")
+    return out
+
+
 @dataclass
 class RawData:
     """Two channels of one data set, raw units, (N, 2, Y, X) float32; either array may be absent (not both)."""
@@ -76,7 +87,7 @@ def _npz_channels(path: Path, key: str, channels: tuple[int, int]) -> np.ndarray
         if any(not 0 <= ch < c for ch in channels):
             raise UserError(f"{path}: channel index {channels} out of range; '{key}' has {c} channels (0..{c - 1})")
         if fortran:
-            return np.ascontiguousarray(arr.reshape(n, c, h, w)[:, list(channels)], dtype=np.float32)
+            return np.ascontiguousarray(as_float32(arr.reshape(n, c, h, w)[:, list(channels)], f"{path}: '{key}'"))
         out = np.empty((n, 2, h, w), np.float32)
         plane = h * w * dtype.itemsize
         for i in range(n):
@@ -85,7 +96,7 @@ def _npz_channels(path: Path, key: str, channels: tuple[int, int]) -> np.ndarray
                 if len(buf) != plane:
                     raise UserError(f"{path}: '{key}' is truncated (image {i}, channel {ch})")
                 if ch in channels:
-                    out[i, channels.index(ch)] = np.frombuffer(buf, dtype).reshape(h, w)
+                    out[i, channels.index(ch)] = as_float32(np.frombuffer(buf, dtype).reshape(h, w), f"{path}: '{key}'")
         f.read()  # reaching the end of the member makes zipfile verify its CRC
         return out
 
@@ -98,7 +109,7 @@ def _load_npz(path: Path, channels: tuple[int, int]) -> RawData:
     except UserError:
         raise
     except Exception as e:  # BadZipFile, zlib.error, EOFError, bad npy header ...
-        raise UserError(f"{path} is not a readable npz file ({_one_line(e)})") from None
+        raise UserError(f"{path} is not a readable npz file ({one_line(e)})") from None
     if arrays["clean"] is None and arrays["noisy"] is None:
         raise UserError(f"{path}: npz has neither 'clean' nor 'noisy' (found: {', '.join(sorted(names)) or 'none'})")
     return RawData(arrays["clean"], arrays["noisy"], [f"ch{c}" for c in channels], str(path))
@@ -106,17 +117,12 @@ def _load_npz(path: Path, channels: tuple[int, int]) -> RawData:
 
 def _read_tiff(path: Path) -> np.ndarray:
     """One TIFF as (N, Y, X) float32 (a 2-D image becomes N = 1)."""
-    import tifffile
-
-    try:
-        arr = tifffile.imread(str(path))
-    except Exception as e:  # TiffFileError, ValueError, OSError on truncated or non-TIFF files
-        raise UserError(f"{path} is not a readable TIFF file ({_one_line(e)})") from None
+    arr = read_tiff(path)  # one-line UserError on a missing, truncated or non-TIFF file
     if arr.dtype.kind not in "biuf":
         raise UserError(f"{path}: dtype {arr.dtype}; expected integer or float pixels")
     if arr.ndim not in (2, 3):
         raise UserError(f"{path}: shape {arr.shape}; expected a 2-D image (Y, X) or a stack (N, Y, X)")
-    return (arr[None] if arr.ndim == 2 else arr).astype(np.float32, copy=False)
+    return as_float32(arr[None] if arr.ndim == 2 else arr, path)
 
 
 def _stack_pair(a: Path, b: Path) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from .calibration import (DEFAULT_BINS, DEFAULT_SAMPLES, calibrate_arrays, clean_on_target_scale, json_safe,
                           noise_variance, plot_calibration, prepare_run_split)
 from .errors import UserError
-from .fileio import atomic_path, write_json, write_text
+from .fileio import OutputSet, atomic_path, write_json, write_text
 
 CROP = 256  # figure crops (px)
 N_FIGURE_IMAGES = 3
@@ -210,12 +210,12 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
         "image_size": [int(s) for s in ev.inputs.shape[-2:]], "data": ev.source, "split": ev.split,
         "halo": int(halo), "tile": int(tile), "run": str(run_dir), "channel_names": names,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    plot_examples(ev.inputs[:n], mean, std, reference, names, out / "examples.png", kind)
-    if n_samples > 1:
-        plot_calibration(calib, out / "calibration.png",
-                         title=f"calibrated std on the evaluated images ({kind} reference, K={n_samples})")
-    write_text(out / "report.md", render_report(result, str(run_dir)))
-    write_json(out / "metrics.json", json_safe(result))
+    with OutputSet(out):  # all or nothing: a failure (full disk, ...) removes what this call wrote
+        plot_examples(ev.inputs[:n], mean, std, reference, names, out / "examples.png", kind)
+        if n_samples > 1:
+            plot_calibration(calib, out / "calibration.png",
+                             title=f"calibrated std on the evaluated images ({kind} reference, K={n_samples})")
+        write_text(out / "report.md", render_report(result, str(run_dir)))
+        write_json(out / "metrics.json", json_safe(result))
     return result
 

@@ -296,7 +296,10 @@ def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
         raise UserError(f"{zf.filename}: package has no {name}") from None
     if info.file_size > limit:
         raise UserError(f"{zf.filename}: {name} is implausibly large ({info.file_size} bytes)")
-    return zf.read(info)
+    try:
+        return zf.read(info)
+    except Exception as e:  # BadZipFile (CRC mismatch), zlib.error, EOFError on a truncated or corrupt member
+        raise UserError(f"{zf.filename}: {name} is corrupt ({type(e).__name__}: {e})") from None
 
 
 def _rdf_config(rdf: dict, zip_path) -> dict:
@@ -305,6 +308,45 @@ def _rdf_config(rdf: dict, zip_path) -> dict:
     if not isinstance(den, dict) or not isinstance(den.get("architecture"), dict):
         raise UserError(f"{zip_path}: not a denoisplit-zoo package (rdf.yaml has no config.denoisplit.architecture)")
     return den
+
+
+def _listed_files(node, found: dict) -> dict:
+    """Every {source: <file in the package>, sha256: ...} entry anywhere in rdf.yaml -> {source: sha256}."""
+    if isinstance(node, dict):
+        src, sha = node.get("source"), node.get("sha256")
+        if isinstance(src, str) and isinstance(sha, str) and "://" not in src:
+            found[src] = sha
+        for v in node.values():
+            _listed_files(v, found)
+    elif isinstance(node, list):
+        for v in node:
+            _listed_files(v, found)
+    return found
+
+
+def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str) -> None:
+    """Every file rdf.yaml lists with a sha256 must be in the zip and match it (an edited model.py, TorchScript or
+    ONNX file, test tensor ... means a tampered or corrupt package)."""
+    for source, sha in _listed_files(rdf, {}).items():
+        if source == skip:
+            continue
+        if not _safe_member(source):
+            raise UserError(f"{zip_path}: rdf.yaml lists an unsafe file name ({source!r})")
+        try:
+            info = zf.getinfo(source)
+        except KeyError:
+            raise UserError(f"{zip_path}: package lacks {source}, which rdf.yaml lists") from None
+        if info.file_size > _MAX_WEIGHTS_BYTES:
+            raise UserError(f"{zip_path}: {source} is implausibly large ({info.file_size} bytes)")
+        h = hashlib.sha256()
+        try:
+            with zf.open(info) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except Exception as e:  # BadZipFile (CRC mismatch), zlib.error, EOFError on a truncated member
+            raise UserError(f"{zip_path}: {source} is corrupt ({type(e).__name__}: {e})") from None
+        if h.hexdigest() != sha.lower():
+            raise UserError(f"{zip_path}: {source} does not match its sha256 in rdf.yaml (corrupt or edited package)")
 
 
 def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Optional[int] = None):
@@ -334,13 +376,16 @@ def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Option
         except yaml.YAMLError as e:
             raise UserError(f"{zip_path}: rdf.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
         den = _rdf_config(rdf, zip_path)
-        entry = (rdf.get("weights") or {}).get("pytorch_state_dict") or {}
+        weights = rdf.get("weights")
+        entry = weights.get("pytorch_state_dict") if isinstance(weights, dict) else None
+        entry = entry if isinstance(entry, dict) else {}
         source, sha = entry.get("source"), entry.get("sha256")
         if not isinstance(source, str) or not _safe_member(source):
             raise UserError(f"{zip_path}: rdf.yaml has no usable weights.pytorch_state_dict.source")
         blob = _read_member(zf, source, _MAX_WEIGHTS_BYTES)
-    if not sha or hashlib.sha256(blob).hexdigest() != str(sha).lower():
-        raise UserError(f"{zip_path}: {source} does not match its sha256 in rdf.yaml (corrupt or edited package)")
+        if not sha or hashlib.sha256(blob).hexdigest() != str(sha).lower():
+            raise UserError(f"{zip_path}: {source} does not match its sha256 in rdf.yaml (corrupt or edited package)")
+        _check_listed_files(zf, rdf, zip_path, skip=source)
 
     kwargs = dict(den["architecture"])
     unknown = sorted(set(kwargs) - set(_ARCH_KEYS))

@@ -1,49 +1,159 @@
 """Atomic writes and safe reads. Nothing here unpickles: json, yaml (safe), npz (allow_pickle=False), torch
-(weights_only=True)."""
+(weights_only=True).
+
+Every file the package writes goes through `atomic_path` (a temp file beside the target, fsynced, then renamed), so
+a reader - or a process killed with SIGKILL at any moment - sees the old file or the complete new one, never a
+half-written one. A SIGKILL can leave the temp file itself behind (`.NAME.XXXX.tmp.SUFFIX`); `remove_stale_temps`
+clears those. `OutputSet` makes a command's outputs all-or-nothing: files written inside it are removed again (and the
+folders it created) if the command fails.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import yaml
 
 from .errors import UserError
 
+_ACTIVE_SETS: list["OutputSet"] = []
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")  # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp.SUF")
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, cut to its first sentence when long (library messages can be essays)."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        end = first.find(". ")
+        first = first[:end + 1] if 0 < end < limit else first[:limit] + "..."
+    return f"{type(e).__name__}: {first}"
+
+
+def _mkdirs(folder: Path) -> None:
+    """mkdir -p, telling every active OutputSet which folders it created."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in _ACTIVE_SETS:
+        s.dirs.extend(reversed(missing))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (best effort: not every platform/filesystem lets a folder be opened or fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any error it is removed.
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`, on any error it is
+    removed (an OSError without a file name gets `path` as its file name, so the CLI's one-line message says where).
 
     A reader therefore sees the old file or the complete new one, never a half-written one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
         yield tmp
+        with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(path)
         raise
+    _fsync_dir(path.parent)
+    for s in _ACTIVE_SETS:
+        s.files.append(path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """`atomic_path`, opened for binary writing: write into the yielded file object."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            yield f
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files `atomic_path` left in `folder` when its process was killed mid-write (SIGKILL, power loss).
+    Only names of the form `.NAME.XXXXXXXX.tmp[.SUFFIX]` are touched. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and _TEMP_NAME.match(p.name):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+class OutputSet:
+    """All-or-nothing outputs: `with OutputSet(folder):` - if the block raises (any exception, also Ctrl-C), every
+    file `atomic_path` wrote inside it is deleted again, then every folder it created (only if empty: nothing of
+    anyone else is ever removed). `commit()` keeps everything written so far even if the block fails later (e.g. a
+    training run once its first checkpoint exists: from then on it can be resumed)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.files: list[Path] = []
+        self.dirs: list[Path] = []
+        self.committed = False
+
+    def __enter__(self) -> "OutputSet":
+        _ACTIVE_SETS.append(self)
+        if self.folder is not None:
+            _mkdirs(self.folder)
+        return self
+
+    def commit(self) -> None:
+        self.committed = True
+        self.files.clear()
+        self.dirs.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _ACTIVE_SETS.remove(self)
+        if exc_type is None or self.committed:
+            return
+        for p in reversed(self.files):
+            with contextlib.suppress(OSError):
+                p.unlink(missing_ok=True)
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only succeeds when empty
 
 
 def write_bytes(path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def write_text(path, text: str) -> None:
@@ -60,7 +170,7 @@ def read_json(path) -> Any:
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+        raise UserError(f"{path} is not valid JSON ({one_line(e)})") from None
 
 
 def write_yaml(path, obj: Any) -> None:
@@ -77,9 +187,8 @@ def read_yaml(path) -> Any:
 
 
 def write_npz(path, **arrays) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
@@ -90,16 +199,17 @@ def read_npz(path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except ValueError as e:  # object arrays need pickle
-        raise UserError(f"{path}: refusing to load ({e})") from None
+        raise UserError(f"{path}: refusing to load ({one_line(e)})") from None
     except Exception as e:  # zipfile.BadZipFile, EOFError, OSError on truncated files
-        raise UserError(f"{path} is not a readable npz file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} is not a readable npz file ({one_line(e)})") from None
 
 
 def torch_save(path, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()  # serialise in memory: torch's own file writer turns a full disk into an opaque RuntimeError
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def torch_load(path, map_location="cpu") -> Any:
@@ -111,4 +221,26 @@ def torch_load(path, map_location="cpu") -> Any:
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except Exception as e:
-        raise UserError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a loadable checkpoint ({one_line(e)})") from None
+
+
+def read_tiff(path) -> np.ndarray:
+    """A TIFF file as a numpy array; a missing, truncated or non-TIFF file is a one-line UserError. tifffile's own
+    log messages (e.g. "invalid page offset" on a truncated file) are silenced: the error says it once."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file: {path}")
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        arr = np.asarray(tifffile.imread(str(path)))
+    except Exception as e:  # TiffFileError, ValueError, OSError, struct.error on truncated or non-TIFF files
+        raise UserError(f"{path} is not a readable TIFF file ({one_line(e)})") from None
+    finally:
+        log.setLevel(level)
+    if arr.size == 0:
+        raise UserError(f"{path} is not a readable TIFF file (no pixel data)")
+    return arr

@@ -1,13 +1,14 @@
 """GMM noise model p(noisy | signal) for one channel, in RAW intensity units (PPN2V / HDN / denoiSplit).
 
 Six Gaussians whose means, variances and weights are cubic polynomials of the normalised signal
-s_hat = (s - min_signal) / (max_signal - min_signal):
+s_hat = (s - min_signal) / (max_signal - min_signal), clamped to [-1, 2] (no extrapolation beyond one range width):
 
     mu_k(s)    = sum_i W[k, i] s_hat^i                         re-centred so that sum_k alpha_k mu_k = s
     var_k(s)   = max(sum_i exp(W[K+k, i]) s_hat^i, min_sigma)   (min_sigma clamps the VARIANCE)
     alpha_k(s) = softmax_k(sum_i W[2K+k, i] s_hat^i)
     p(x | s)   = sum_k alpha_k N(x; mu_k, var_k) + 1e-10
 
+log p is finite, with a finite gradient, for every finite observation and signal (tests/test_fuzz.py).
 Stored as npz (`weight`, `min_signal`, `max_signal`, `min_sigma`, `n_gaussians`, `n_coeffs`), never pickle.
 """
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .fileio import read_npz, write_npz
 
+_Z_MAX = 1e4  # |standardised residual| beyond which a component's density is 0 in any float format
 _LOG_TOL = math.log(1e-10)  # the reference adds 1e-10 to the density; we add it in log space (same value, stable)
 
 
@@ -41,6 +43,8 @@ class GMMNoiseModel(nn.Module):
         self.weight = nn.Parameter(weight.float().clone(), requires_grad=False)
         self.register_buffer("min_signal", torch.tensor(float(min_signal)))
         self.register_buffer("max_signal", torch.tensor(float(max_signal)))
+        if not self.max_signal > self.min_signal:  # equal once rounded to float32
+            raise UserError(f"noise-model signal range is empty in float32 ({min_signal} .. {max_signal})")
         self.min_sigma = float(min_sigma)
 
     @classmethod
@@ -61,7 +65,10 @@ class GMMNoiseModel(nn.Module):
         """signal (...) raw -> (mu, var, log_alpha), each (K, ...), raw units."""
         k = self.n_gaussians
         w = self.weight
-        s_hat = (signal - self.min_signal) / (self.max_signal - self.min_signal)
+        # The polynomials are fitted on [0, 1]; far outside it a cubic explodes (overflow -> NaN). Beyond one range
+        # width on either side the component shapes are frozen at the boundary (the mixture mean still follows the
+        # signal exactly, below): no effect on any signal the fit saw, finite for every finite signal.
+        s_hat = ((signal - self.min_signal) / (self.max_signal - self.min_signal)).clamp(-1.0, 2.0)
         mu = self._poly(w[:k], s_hat)
         var = self._poly(torch.exp(w[k: 2 * k]), s_hat).clamp(min=self.min_sigma)
         log_alpha = torch.log_softmax(self._poly(w[2 * k:], s_hat), dim=0)
@@ -74,7 +81,12 @@ class GMMNoiseModel(nn.Module):
         observation = observation.float()
         signal = signal.float()
         mu, var, log_alpha = self.components(signal)
-        log_n = -0.5 * (observation.unsqueeze(0) - mu) ** 2 / var - 0.5 * torch.log(2 * math.pi * var)
+        # The residual is clamped to +-_Z_MAX standard deviations, where the density has long underflowed
+        # (exp(-0.5 * 1e8) == 0), BEFORE dividing: value and gradient stay finite even when observation - mu
+        # overflows float32 (the clamp's zero gradient never meets an inf).
+        sd = var.sqrt()
+        resid = torch.clamp(observation.unsqueeze(0) - mu, min=-_Z_MAX * sd, max=_Z_MAX * sd)
+        log_n = -0.5 * (resid / sd) ** 2 - 0.5 * torch.log(2 * math.pi * var)
         lse = torch.logsumexp(log_alpha + log_n, dim=0)
         return torch.logaddexp(lse, torch.full_like(lse, _LOG_TOL))
 

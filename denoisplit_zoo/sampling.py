@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .model import LadderVAE, SplitSampler, _mix
+from .model import LadderVAE, SplitSampler, counter_normal
 
 # --------------------------------------------------------------------------------------------------------- the halo
 
@@ -107,26 +107,6 @@ def measure_halo(model: LadderVAE, size: int | None = None, tolerance: float = H
 
 # ---------------------------------------------------------------------------------------------- sampling one tile
 
-def counter_normal_slice(shape: list[int], seed: int, stream: int, start: int, count: int,
-                         device: torch.device) -> torch.Tensor:
-    """Elements [start, start + count) (flat, row-major) of `model.counter_normal(shape, seed, stream)`, reshaped to
-    (count // prod(shape[1:]), *shape[1:]). Same hash, so a chunk of samples gets exactly the noise the full batch
-    would; only the slice is ever materialised."""
-    inner = 1
-    for s in shape[1:]:
-        inner *= s
-    if count % inner:
-        raise ValueError("a slice must cover whole leading rows")
-    idx = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    key = (seed * 1000003 + stream * 7919 + 17) % 2147483647
-    h1 = _mix(_mix((idx + key) % 2147483647, 101), 211)
-    h2 = _mix(_mix((h1 + idx) % 2147483647, 307), 401)
-    u1 = (h1.to(torch.float32) + 1.0) / 2147483648.0
-    u2 = h2.to(torch.float32) / 2147483648.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
-    return z.reshape([count // inner, *shape[1:]])
-
-
 def auto_chunk(sampler: SplitSampler, height: int, width: int, budget_bytes: Optional[float] = None) -> int:
     """Samples per top-down batch so that the activations of one chunk stay near `budget_bytes` (default: 1.5 GB
     on the CPU, 40 % of the free memory on a GPU). Rough, deliberately high estimate per sample: ~12 float32 feature
@@ -169,13 +149,13 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
         for i, v in enumerate(bu):
             inner = vae.z_dim * v.shape[2] * v.shape[3]
             if sampler.noise:
-                full = [k * b, vae.z_dim, v.shape[2], v.shape[3]]
-                eps.append(counter_normal_slice(full, sampler.seed, i, k0 * b * inner, n * b * inner,
-                                                xp.device).to(xp.dtype))
+                # this chunk's slice of the noise the whole batch of K would get: chunking is invisible
+                shape = [n * b, vae.z_dim, v.shape[2], v.shape[3]]
+                eps.append(counter_normal(shape, sampler.seed, i, xp.device, start=k0 * b * inner).to(xp.dtype))
             else:
                 eps.append(torch.zeros(n * b, vae.z_dim, v.shape[2], v.shape[3], dtype=xp.dtype, device=xp.device))
         out, _ = vae.top_down(bu_c, eps, False)
-        s = vae.crop(out[:, :2], box).reshape(n, b, 2, box[2], box[3])
+        s = LadderVAE.crop(out[:, :2], box).reshape(n, b, 2, box[2], box[3])  # static: also works on a scripted vae
         if return_samples:
             kept.append(s)
         sd = s.double()
@@ -266,6 +246,10 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
                 raw = smp[:, 0][(slice(None), slice(None), *keep)].cpu().numpy() * ts + tm
                 samples[(slice(None), slice(None), *out)] = raw
     bar.close()
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # never hand out (or write) NaN/inf predictions
+        raise UserError(f"the prediction is not finite: the input's intensities ({img.min():.4g} .. {img.max():.4g}) "
+                        f"are too far outside the training data's (mean {norm.input_mean:.4g}, std "
+                        f"{norm.input_std:.4g})")
     return {"mean": mean, "std": std, "samples": samples, "tiles": ny * nx, "halo": halo}
 
 
@@ -288,5 +272,5 @@ def predict_stack(sampler: SplitSampler, images_raw: np.ndarray, norm, tile: int
     return {"mean": np.stack(means), "std": np.stack(stds), "halo": halo}
 
 
-__all__ = ["measure_halo", "sample_tile", "predict_image", "predict_stack", "counter_normal_slice", "reflect_index",
+__all__ = ["measure_halo", "sample_tile", "predict_image", "predict_stack", "reflect_index",
            "auto_chunk", "HALO_TOLERANCE"]

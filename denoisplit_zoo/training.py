@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
 from .errors import UserError
-from .fileio import torch_load, torch_save, write_json, write_yaml
+from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write_json, write_yaml
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
 from .run_folder import RunPaths, build_model
@@ -104,12 +104,15 @@ class _State:
 
 
 def _prepare_run_dir(out: Path, resume: bool) -> RunPaths:
+    """Check `out` (nothing is created here). resume: a run folder (config.yaml), normally with checkpoints/last.pt;
+    without one (killed before its first checkpoint) the run restarts from step 0 with its saved config. Fresh
+    run: `out` must not exist, or be an empty folder."""
     paths = RunPaths(out)
     if resume:
         if not paths.is_run():
             raise UserError(f"--resume: {out} is not a run folder (no config.yaml)")
-        if not paths.last.is_file():
-            raise UserError(f"--resume: {out} has no checkpoints/last.pt")
+        for folder in (paths.root, paths.checkpoints, paths.noise_models):  # temp files of a killed writer
+            remove_stale_temps(folder)
         return paths
     if out.exists():
         if not out.is_dir():
@@ -118,41 +121,55 @@ def _prepare_run_dir(out: Path, resume: bool) -> RunPaths:
             raise UserError(f"{out} already holds a run; use --resume to continue it or choose another --out")
         if any(out.iterdir()):
             raise UserError(f"{out} exists, is not empty and is not a run folder")
-    try:
-        paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"{out} is not writable")
     return paths
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_files: Optional[list[str]] = None,
           progress: bool = True) -> TrainResult:
     """Train a run into `out` (design.md run folder). With resume=True, `cfg` is replaced by the run's config
-    except for the stopping limits (max_steps / max_minutes), which the caller may extend."""
+    except for the stopping limits (max_steps / max_minutes), which the caller may extend.
+
+    Crash safety: every file is written atomically (temp file + fsync + rename) and checkpoints/last.pt holds
+    everything the schedule depends on (weights, optimizer, LR scheduler, torch RNG, step / epoch / position in the
+    epoch's permutation, early-stopping state), so a process killed at any moment (even SIGKILL) resumes with
+    resume=True exactly where last.pt was written (at most `val_every` steps are lost) and continues as if it had
+    never stopped. A fresh run that fails before its first checkpoint leaves nothing behind (its folder is removed);
+    one killed before its first checkpoint restarts from step 0 on resume."""
     out = Path(out)
     paths = _prepare_run_dir(out, resume)
+    if resume:
+        return _train(cfg, paths, resume, noise_model_files, progress, None)
+    with OutputSet(out) as outputs:
+        if not os.access(out, os.W_OK):
+            raise UserError(f"{out} is not writable")
+        return _train(cfg, paths, resume, noise_model_files, progress, outputs)
+
+
+def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Optional[list[str]], progress: bool,
+           outputs: Optional[OutputSet]) -> TrainResult:
+    out = paths.root
+    restart = resume and not paths.last.is_file()  # killed before the first checkpoint: start again at step 0
     if resume:
         from .config import load_run_config
 
         saved = load_run_config(paths.config)
         limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}
         cfg = saved.model_copy(update={"train": saved.train.model_copy(update=limits)})
+    else:
+        write_yaml(paths.config, json.loads(cfg.model_dump_json()))  # first: from now on `out` is a run folder
     tc = cfg.train
     device = pick_device(tc.device)
     seed_everything(tc.seed)
 
-    prepared = prepare_data(cfg.data, tc.patch_size, None if resume else out)
-    if not resume:
-        write_yaml(paths.config, json.loads(cfg.model_dump_json()))
+    prepared = prepare_data(cfg.data, tc.patch_size, None if resume and not restart else out)
+    if not resume or restart:
         write_json(paths.normalization, prepared.norm.to_dict())
     norm = prepared.norm
 
     # Noise models: the denoiSplit likelihood needs them; every run keeps them because calibration without clean
     # data (calibrate --without-clean) subtracts the observation-noise variance they predict.
     noise_models: Optional[list[GMMNoiseModel]] = None
-    if (paths.noise_models / "ch0.npz").is_file():
+    if all((paths.noise_models / f"ch{c}.npz").is_file() for c in range(2)):
         noise_models = load_noise_models(paths.noise_models)
     elif noise_model_files:
         if len(noise_model_files) != 2:
@@ -175,13 +192,19 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.lr_factor,
                                                        patience=tc.lr_patience, min_lr=1e-12)
     state = _State()
-    if resume:
+    if restart:
+        _truncate_log(paths.log, 0)
+    elif resume:
         ck = torch_load(paths.last)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        state.load(ck["state"])
-        torch.set_rng_state(ck["rng_cpu"])
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            state.load(ck["state"])
+            torch.set_rng_state(ck["rng_cpu"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"{paths.last} does not fit this run's config.yaml ({type(e).__name__}: {first})") from None
         if device.type == "cuda" and "rng_cuda" in ck:
             torch.cuda.set_rng_state(ck["rng_cuda"])
         _truncate_log(paths.log, state.step)
@@ -225,12 +248,19 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
         if device.type == "cuda":
             ck["rng_cuda"] = torch.cuda.get_rng_state()
         torch_save(path, ck)
+        if outputs is not None and path == paths.last:
+            outputs.commit()  # a resumable run from here on: keep the folder even if training fails later
 
     train_acc = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0}
 
     def validation_round() -> bool:
         """Validate, step the LR schedule, checkpoint, log. Returns True when early stopping triggers."""
         val_rec, val_kl = validate()
+        if not np.isfinite(val_rec):  # nothing to learn from and nothing worth a checkpoint: stop with a clear error
+            kept = f"; {paths.last} keeps the last finite state" if paths.last.is_file() else ""
+            raise UserError(f"training diverged: the validation loss is {val_rec} at step {state.step} (data range "
+                            f"{float(prepared.train.targets.min()):.4g} .. {float(prepared.train.targets.max()):.4g} "
+                            f"raw units){kept}")
         sched.step(val_rec)
         state.seconds = time.monotonic() - t_start
         n = max(train_acc["n"], 1)
@@ -242,12 +272,14 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
         improved = val_rec < state.best_val - 1e-6
         if improved:
             state.best_val, state.bad_validations = val_rec, 0
-            checkpoint(paths.best)
         else:
             state.bad_validations += 1
-        checkpoint(paths.last)  # after best: a kill between the two loses nothing that last.pt needs
-        with open(paths.log, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        # Order matters for a kill at any moment: log line, best.pt, then last.pt. A resume starts from last.pt and
+        # drops log lines after its step, and replays the same steps (exact resume), so it rewrites both the same.
+        _append_log(paths.log, entry)
+        if improved:
+            checkpoint(paths.best)
+        checkpoint(paths.last)
         bar.write(f"step {state.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
                   f"{'  *best' if improved else ''}")
         return state.bad_validations >= tc.early_stop_patience
@@ -257,52 +289,77 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
     deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
     t_start = time.monotonic() - state.seconds
     stopped = "max_steps"
+    if state.bad_validations >= tc.early_stop_patience:  # resuming a run that had already stopped early
+        stopped, max_steps = "early_stopping", state.step
     model.train()
     bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    while state.step < max_steps:
-        if deadline is not None and time.monotonic() >= deadline:
-            stopped = "max_minutes"
-            break
-        dataset.set_epoch(state.epoch)
-        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed * 100003 + state.epoch))
-        idx = perm[state.pos: state.pos + tc.batch_size].tolist()
-        batch = [dataset[i] for i in idx]
-        x = torch.stack([b[0] for b in batch]).to(device)
-        y = torch.stack([b[1] for b in batch]).to(device)
-        terms = objective(x, y, True)
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(terms.total):
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-        state.step += 1
-        state.pos += tc.batch_size
-        if state.pos + tc.batch_size > len(dataset):
-            state.epoch, state.pos = state.epoch + 1, 0
-        train_acc["loss"] += float(terms.total.detach())
-        train_acc["rec"] += float(terms.reconstruction)
-        train_acc["kl"] += float(terms.kl)
-        train_acc["n"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
-                        kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-
-        if state.step % tc.val_every == 0 or state.step >= max_steps:
-            if validation_round():
-                stopped = "early_stopping"
+    try:
+        while state.step < max_steps:
+            if deadline is not None and time.monotonic() >= deadline:
+                stopped = "max_minutes"
                 break
-    if stopped == "max_minutes" and state.step % tc.val_every != 0:
-        validation_round()  # stopped by the clock between validations: nothing trained is lost
-    bar.close()
+            dataset.set_epoch(state.epoch)
+            perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed * 100003 + state.epoch))
+            idx = perm[state.pos: state.pos + tc.batch_size].tolist()
+            batch = [dataset[i] for i in idx]
+            x = torch.stack([b[0] for b in batch]).to(device)
+            y = torch.stack([b[1] for b in batch]).to(device)
+            terms = objective(x, y, True)
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(terms.total):
+                terms.total.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                # one NaN/inf gradient (e.g. an overflowing likelihood) must not poison the weights: skip the step
+                if torch.isfinite(grad_norm):
+                    opt.step()
+            state.step += 1
+            state.pos += tc.batch_size
+            if state.pos + tc.batch_size > len(dataset):
+                state.epoch, state.pos = state.epoch + 1, 0
+            train_acc["loss"] += float(terms.total.detach())
+            train_acc["rec"] += float(terms.reconstruction)
+            train_acc["kl"] += float(terms.kl)
+            train_acc["n"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
+                            kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+
+            if state.step % tc.val_every == 0 or state.step >= max_steps:
+                if validation_round():
+                    stopped = "early_stopping"
+                    break
+        if stopped == "max_minutes" and state.step % tc.val_every != 0:
+            validation_round()  # stopped by the clock between validations: nothing trained is lost
+    finally:
+        bar.close()  # before any error message: a bar printed after it would bury it
     state.seconds = time.monotonic() - t_start
     return TrainResult(out, state.step, state.best_val, stopped, state.seconds)
 
 
+def _append_log(log: Path, entry: dict) -> None:
+    """One JSON line, written with a single write and fsynced (a kill cannot interleave two entries)."""
+    data = (json.dumps(entry) + "\n").encode()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _truncate_log(log: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be produced again)."""
+    """Drop log lines written after the checkpoint we resume from (they will be produced again), and a last line
+    cut short by a crash (unparsable)."""
     if not log.is_file():
         return
-    keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = []
+    for ln in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+            keep.append(ln)
     from .fileio import write_text
 
     write_text(log, "".join(ln + "\n" for ln in keep))

@@ -60,3 +60,19 @@ def test_sampler_is_scriptable_and_matches_eager():
     s = SplitSampler(n_levels=3, z_dim=4, n_filters=8, patch_size=32, n_samples=3).eval()
     x = torch.randn(1, 1, 40, 24)
     torch.testing.assert_close(torch.jit.script(s)(x), s(x), rtol=0, atol=0)
+
+
+def test_counter_noise_is_standard_normal_and_sliceable():
+    import numpy as np
+
+    from denoisplit_zoo.model import counter_normal
+
+    z = counter_normal([400_000], seed=3, stream=1, device=torch.device("cpu")).numpy().astype(np.float64)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert abs(((z - z.mean()) ** 4).mean() / z.var() ** 2 - 3) < 0.05
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01  # neighbours (incl. each Box-Muller pair) uncorrelated
+    other = counter_normal([400_000], seed=4, stream=1, device=torch.device("cpu")).numpy()
+    assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
+    # any slice of the stream reproduces the same numbers (odd offsets included)
+    part = counter_normal([3, 7], seed=3, stream=1, device=torch.device("cpu"), start=1001).numpy()
+    np.testing.assert_array_equal(part.ravel(), z[1001:1022].astype(np.float32))

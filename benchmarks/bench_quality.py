@@ -1,0 +1,201 @@
+"""Quality on W2S: denoiSplit loss vs uSplit loss vs the naive baseline, per channel pair and noise setting.
+
+Protocol (issue 6, item 1):
+- data: the W2S training fields (`--data`, 80 fields of 512 x 512, three channels); the run's split is 80/10/10 % of
+  the FIELDS (data.split_indices, seed 0): 10 % are held out as the test set and are never used for training,
+  early stopping, learning-rate decisions or calibration (those use the validation fields).
+- channel pairs `--pairs` (default 0,2 and 0,1); noise settings: Gaussian x {`--gaussian`} (std = factor x std of the
+  mean of the two clean channels, data.synthetic_noise) with Poisson (`--poisson`, factor 1) on the clean frames,
+  and `--real-noise`: input = the sum of the two REAL noisy frames, training targets = the noisy frames, evaluation
+  against the clean frames (mapped onto the noisy frames' intensity scale per image; RI-PSNR is range-invariant).
+- methods: `denoisplit` and `usplit` trained by training.train with the same preset and the same time budget
+  (`--minutes`, max_minutes; early stopping may end a run sooner), then calibrated on the validation fields
+  (calibration.calibrate_run) and evaluated on the test fields (evaluation.evaluate_run, K = `--samples`);
+  `naive` = input / 2 for each channel.
+- metrics: RI-PSNR per channel and mean, MS-SSIM mean, calibration slope (RMSE vs RMV on the test fields with the
+  scale fitted on the validation fields; ideal 1).
+
+Resumable: every (setting, method) writes OUT/results/<setting>_<method>.json and is skipped when it exists; a run
+folder without results (interrupted) is trained again from scratch so every method gets exactly the same budget.
+
+    python benchmarks/bench_quality.py --quick --threads 1 --out /tmp/bq
+    python benchmarks/bench_quality.py --data ../shared/data/w2s_train_fov001-080.npz --preset small --minutes 30 \\
+        --out benchmarks/results/quality_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+DEFAULT_DATA = "../shared/data/w2s_train_fov001-080.npz"
+
+
+def quick_subset(data: str, out: Path, n: int = 10, size: int = 256) -> str:
+    """--quick: the first n fields, top-left size x size, as OUT/quick_subset.npz (split 8/1/1). Preparing the data
+    (Poisson + Gaussian noise on every field) is most of a tiny run's time on the full 80 x 512^2 file."""
+    path = out / "quick_subset.npz"
+    if not path.is_file():
+        with np.load(data) as z:
+            arrays = {k: z[k][:n, :, :size, :size] for k in ("clean", "noisy")}
+        np.savez(path, **arrays)
+    return str(path)
+
+
+def settings(args) -> list[dict]:
+    out = []
+    for pair in args.pairs:
+        a, b = (int(v) for v in pair.split(","))
+        for g in args.gaussian:
+            out.append({"name": f"ch{a}{b}_g{g:g}_p{args.poisson:g}", "channels": [a, b],
+                        "noise": {"gaussian": float(g), "poisson": float(args.poisson)}, "kind": "synthetic"})
+        if args.real_noise:
+            out.append({"name": f"ch{a}{b}_real", "channels": [a, b], "noise": {"gaussian": 0.0, "poisson": 0.0},
+                        "kind": "real"})
+    return out
+
+
+def run_config(args, st: dict, loss: str):
+    from denoisplit_zoo.config import build_run_config
+
+    return build_run_config(args.preset, {
+        "data": {"path": str(Path(args.data).resolve()), "channels": tuple(st["channels"]), "noise": st["noise"],
+                 "split": (0.8, 0.1, 0.1)},
+        "train": {"loss": loss, "max_minutes": args.minutes, "device": args.device}})
+
+
+def naive(args, st: dict) -> dict:
+    """input / 2 per channel vs the clean test fields (on the targets' intensity scale), same split and noise."""
+    from denoisplit_zoo.calibration import clean_on_target_scale
+    from denoisplit_zoo.data import prepare_data
+    from denoisplit_zoo.metrics import channel_metrics
+
+    cfg = run_config(args, st, "denoisplit")
+    prepared = prepare_data(cfg.data, cfg.train.patch_size, None)
+    test = prepared.test
+    n = len(test.inputs) if args.max_images is None else min(args.max_images, len(test.inputs))
+    clean = clean_on_target_scale(test.clean[:n], test.targets[:n], prepared.noise_info.get("kind", "synthetic"))
+    pred = np.repeat(test.inputs[:n, None] / 2, 2, axis=1).astype(np.float32)
+    m = channel_metrics(clean, pred, ["A", "B"])
+    return {"ri_psnr": m["ri_psnr"], "ri_psnr_mean": m["ri_psnr_mean"], "ms_ssim": m["ms_ssim"],
+            "ms_ssim_mean": m["ms_ssim_mean"], "calibration_slope": None, "n_images": int(n),
+            "test_fields": prepared.split.get("test")}
+
+
+def trained(args, st: dict, loss: str, run_dir: Path) -> dict:
+    from denoisplit_zoo.calibration import calibrate_run
+    from denoisplit_zoo.evaluation import evaluate_run
+    from denoisplit_zoo.training import train
+
+    if run_dir.exists():  # interrupted earlier: same budget for everyone, so start again
+        shutil.rmtree(run_dir)
+    t0 = time.time()
+    res = train(run_config(args, st, loss), run_dir, progress=False)
+    train_wall = time.time() - t0
+    C.write_json(str(run_dir / "bench_train_done.json"), {"steps": res.step, "seconds": res.seconds})
+    calib = None
+    if args.samples >= 2 and not args.no_calibrate:
+        calib = calibrate_run(run_dir, n_samples=args.samples, max_images=args.max_images, progress=False,
+                              device=args.device)
+    ev = evaluate_run(run_dir, run_dir / "eval_test", n_samples=args.samples, max_images=args.max_images,
+                      progress=False, device=args.device)
+    cal = ev.get("calibration", {})
+    slopes = {n: c.get("slope") for n, c in cal.items()}
+    ok = [v for v in slopes.values() if v is not None]
+    return {"ri_psnr": ev["ri_psnr"], "ri_psnr_mean": ev["ri_psnr_mean"], "ms_ssim": ev["ms_ssim"],
+            "ms_ssim_mean": ev["ms_ssim_mean"], "calibration_slope": slopes,
+            "calibration_slope_mean": float(np.mean(ok)) if ok else None,
+            "calibration_scale": {n: c.get("scale") for n, c in cal.items()}, "calibrated_on": "val" if calib else None,
+            "n_images": ev["n_images"], "steps": res.step, "train_seconds": res.seconds, "train_wall": train_wall,
+            "stopped": res.stopped_because, "best_val_loss": res.best_val_loss, "run": str(run_dir)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--pairs", nargs="+", default=["0,2", "0,1"])
+    ap.add_argument("--gaussian", nargs="+", type=float, default=[1, 2, 4])
+    ap.add_argument("--poisson", type=float, default=1.0, help="Poisson factor added with every Gaussian level")
+    ap.add_argument("--real-noise", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--losses", nargs="+", default=["denoisplit", "usplit", "naive"],
+                    choices=["denoisplit", "usplit", "naive"])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget per trained model")
+    ap.add_argument("--samples", type=int, default=20, help="posterior samples K for calibration and evaluation")
+    ap.add_argument("--max-images", type=int, help="evaluate / calibrate on at most this many fields")
+    ap.add_argument("--no-calibrate", action="store_true", help="skip the validation calibration (scale 1)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: tiny preset, 10 fields cropped to 256 px, pair 0,2, Gaussian x2 + real noise, "
+                         "6 s per training, K = 4, 1 test field")
+    args = ap.parse_args()
+    threads = C.set_threads(args.threads)
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        args.preset, args.pairs, args.gaussian, args.minutes = "tiny", ["0,2"], [2.0], 0.1
+        args.samples, args.max_images = 4, 1
+        args.data = quick_subset(args.data, out)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    rows = []
+    for st in settings(args):
+        for method in args.losses:
+            res_path = out / "results" / f"{st['name']}_{method}.json"
+            if res_path.is_file():
+                r = json.loads(res_path.read_text())
+                print(f"{st['name']:18s} {method:10s} (cached) RI-PSNR {r['ri_psnr_mean']:.2f}", flush=True)
+            else:
+                t0 = time.time()
+                try:
+                    r = naive(args, st) if method == "naive" else trained(args, st, method,
+                                                                           out / "runs" / f"{st['name']}_{method}")
+                except Exception as e:  # noqa: BLE001  (report and go on with the other settings)
+                    print(f"{st['name']:18s} {method:10s} FAILED {type(e).__name__}: {e}", flush=True)
+                    rows.append({"setting": st["name"], "method": method, "error": f"{type(e).__name__}: {e}"})
+                    continue
+                r.update(setting=st["name"], method=method, channels=st["channels"], noise=st["noise"],
+                         kind=st["kind"], preset=args.preset, minutes=args.minutes, samples=args.samples,
+                         seconds_total=time.time() - t0)
+                C.write_json(str(res_path), r)
+                print(f"{st['name']:18s} {method:10s} RI-PSNR {r['ri_psnr_mean']:.2f} ({time.time() - t0:.0f} s)",
+                      flush=True)
+            rows.append(r)
+
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        r["ri_psnr_A"], r["ri_psnr_B"] = list(r["ri_psnr"].values())
+        if r["method"] == "denoisplit":
+            u = next((x for x in ok if x["setting"] == r["setting"] and x["method"] == "usplit"), None)
+            r["delta_vs_usplit"] = r["ri_psnr_mean"] - u["ri_psnr_mean"] if u else None
+    table = C.markdown_table(ok, [
+        ("setting", "setting", 0), ("method", "method", 0), ("RI-PSNR A", "ri_psnr_A", 2),
+        ("RI-PSNR B", "ri_psnr_B", 2), ("RI-PSNR mean", "ri_psnr_mean", 2), ("Δ vs uSplit", "delta_vs_usplit", 2),
+        ("MS-SSIM mean", "ms_ssim_mean", 4), ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0),
+        ("test fields", "n_images", 0)])
+    print()
+    print(f"Quality on W2S test fields, preset {args.preset}, {args.minutes:g} min per training, K = {args.samples}")
+    print(table)
+    summary = {"benchmark": "quality", "machine": C.machine_info(device), "threads": threads, "preset": args.preset,
+               "minutes": args.minutes, "samples": args.samples, "max_images": args.max_images, "data": args.data,
+               "quick": args.quick, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+               "results": rows}
+    C.write_json(str(out / "quality.json"), summary)
+    (out / "quality.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

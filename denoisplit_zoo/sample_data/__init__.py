@@ -1,0 +1,42 @@
+"""Bundled sample data: one BPAE field (actin, mitochondria, nuclei), camera counts, CC-BY 4.0 (see README.md here).
+
+Ships inside the wheel as `denoisplit_zoo.sample_data` (pyproject.toml); read through importlib.resources so it works
+from an editable install, a wheel or a zip import alike.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+# structure name -> file in this package
+BPAE_FILES = {"actin": "bpae_actin.tif", "mito": "bpae_mito.tif", "nuclei": "bpae_nuclei.tif"}
+PIXEL_SIZE_UM = 0.108
+LICENSE = "CC-BY-4.0"
+ATTRIBUTION = ("BPAE_actin.tif, BPAE_mito.tif, BPAE_nuclei.tif by Robert Haase, BioImageAnalysisNotebooks (data/), "
+               "CC-BY 4.0")
+
+
+def _resource(name: str):
+    if name not in BPAE_FILES:
+        raise KeyError(f"unknown sample channel {name!r}; choose one of {', '.join(BPAE_FILES)}")
+    return importlib.resources.files(__name__).joinpath(BPAE_FILES[name])
+
+
+def read_bpae(name: str) -> np.ndarray:
+    """One BPAE channel ('actin', 'mito' or 'nuclei') as a (680, 1100) uint16 array of camera counts."""
+    import tifffile
+
+    with importlib.resources.as_file(_resource(name)) as path:
+        return tifffile.imread(str(path))
+
+
+def copy_bpae(name: str, dest) -> Path:
+    """Copy one BPAE channel's TIFF byte for byte to `dest` (a file path); returns `dest`."""
+    dest = Path(dest)
+    with _resource(name).open("rb") as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return dest

@@ -1,0 +1,121 @@
+"""Quickstart (issue 5): the bundled BPAE sample and one real end-to-end quickstart, shrunk for CI.
+
+The shared run uses the `tiny` preset on a 160 x 256 px crop of the sample, 20 training steps and K = 4 everywhere,
+with the network guarded: every stage runs for real (noise models, training, calibration without clean data,
+evaluation, export + bioimageio.core's self-test of all three weight formats, bioimageio.core prediction from the
+zip, figure, report). About a minute on one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+
+from .export_helpers import network_guard, one_thread
+
+pytest.importorskip("bioimageio.core")
+
+from denoisplit_zoo import quickstart as qs  # noqa: E402
+from denoisplit_zoo import sample_data  # noqa: E402
+from denoisplit_zoo.cli import main  # noqa: E402
+
+CROP = (160, 256)  # rows, cols: split along x into train 192 | val 32 | test 32 (the tiny patch size)
+K = {"calibrate": 4, "evaluate": 4, "export": 4}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "out"
+    lines: list[str] = []
+    with one_thread(), network_guard() as attempts, contextlib.redirect_stderr(io.StringIO()):
+        summary = qs.run_quickstart(out, minutes=2, preset="tiny", crop=CROP, max_steps=20, samples=K,
+                                    progress=False, log=lines.append)
+    qs.print_summary(summary, log=lines.append)
+    return {"out": out, "summary": summary, "lines": lines, "network": attempts}
+
+
+# ----------------------------------------------------------------------------------------------- sample data
+def test_bundled_sample_is_the_documented_data():
+    for name, peak in (("actin", 43479), ("mito", 5039), ("nuclei", 6193)):
+        img = sample_data.read_bpae(name)
+        assert img.shape == (680, 1100) and img.dtype == np.uint16 and int(img.max()) == peak
+    import importlib.resources
+
+    readme = importlib.resources.files("denoisplit_zoo.sample_data").joinpath("README.md").read_text()
+    assert "Robert Haase" in readme and "CC-BY 4.0" in readme and "0.108" in readme
+
+
+def test_copy_is_byte_identical(tmp_path):
+    import importlib.resources
+
+    dest = sample_data.copy_bpae("mito", tmp_path / "m.tif")
+    src = importlib.resources.files("denoisplit_zoo.sample_data").joinpath("bpae_mito.tif").read_bytes()
+    assert dest.read_bytes() == src
+
+
+# ------------------------------------------------------------------------------------------- the quickstart
+def test_quickstart_writes_a_validated_package(quick):
+    from denoisplit_zoo import bmz
+
+    s, out = quick["summary"], quick["out"]
+    zp = out / qs.ZIP_NAME
+    assert zp.is_file() and s["paths"]["zip"] == str(zp)
+    bmz.validate_package(zp)  # the self-test already passed inside export_package; the format check again here
+    assert quick["network"] == []  # everything, bioimageio included, ran offline
+    with zipfile.ZipFile(zp) as zf:
+        card = zf.read("README.md").decode()
+        rdf = zf.read("rdf.yaml").decode()
+    assert "Robert Haase" in card and "CC-BY 4.0" in card  # the model card credits the data
+    assert "actin_mean" in rdf and "mito_std" in rdf
+
+
+def test_quickstart_outputs_and_metrics(quick):
+    s, out = quick["summary"], quick["out"]
+    m = json.loads((out / "report" / "metrics.json").read_text())
+    assert {"ri_psnr", "ri_psnr_mean", "ms_ssim", "ms_ssim_mean", "calibration", "n_samples", "n_images"} <= set(m)
+    assert set(m["ri_psnr"]) == {"actin", "mito"} and m["n_samples"] == K["evaluate"]
+    for key in ("ri_psnr", "ms_ssim", "package_ri_psnr", "calibration_slope", "calibration_scale"):
+        assert set(s["metrics"][key]) == {"actin", "mito"}
+    assert all(np.isfinite(v) for v in s["metrics"]["ri_psnr"].values())
+    assert json.loads((out / "quickstart.json").read_text())["samples"] == K
+    assert (out / "quickstart.png").stat().st_size > 10_000
+    pred = tifffile.imread(out / "prediction" / "test_region_prediction.tif")
+    noisy = tifffile.imread(out / "prediction" / "test_region_input.tif")
+    assert pred.shape == (4, CROP[0], 32) and noisy.shape == (CROP[0], 32)  # bioimageio.core padded and cropped back
+    assert np.isfinite(pred).all() and (pred[2:] >= 0).all()
+    report = (out / "quickstart.md").read_text()
+    assert "RI-PSNR" in report and "quickstart.png" in report and "| training |" in report
+    assert set(s["seconds"]) == set(qs.STAGES)
+
+
+def test_quickstart_progress_and_final_lines(quick):
+    lines = quick["lines"]
+    headers = [ln for ln in lines if ln.startswith("[")]
+    assert headers == [ln for ln in headers if ln.startswith(tuple(f"[{i}/8]" for i in range(1, 9)))]
+    assert len(headers) == 8
+    assert lines[-1] == f"validated package: {quick['out'] / qs.ZIP_NAME}"
+    tail = "\n".join(lines[-20:])
+    assert "RI-PSNR" in tail and "MS-SSIM" in tail and "calibration slope" in tail and "quickstart.png" in tail
+
+
+def test_quickstart_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "something.txt").write_text("x")
+    assert main(["quickstart", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- the time budget
+def test_budget_picks_fewer_samples_on_a_slow_machine():
+    work = qs.sampling_work(160, (680, 110), (680, 110))
+    assert qs.choose_samples(1e6, work, 1e-9, 1e-9) == qs.SAMPLES_MAX  # fast: the most samples
+    assert qs.choose_samples(1.0, work, 1e-3, 1e-3) == qs.SAMPLES_MIN  # hopeless: the fewest
+    mid = qs.choose_samples(400, work, 6e-6, 6e-6)
+    assert all(qs.SAMPLES_MIN[k] <= mid[k] <= qs.SAMPLES_MAX[k] for k in mid)
+    assert sum(qs.estimate_seconds(mid, work, 6e-6, 6e-6).values()) <= 400
