@@ -6,7 +6,8 @@ without clean data -> evaluation on the held-out region against the clean images
 -> prediction of the held-out region through bioimageio.core from the zip -> figure and report.
 
 OUT/
-  bpae_sample/             actin.tif, mito.tif: the clean sample the run reads (byte copies of sample_data/)
+  bpae_sample/             actin.tif, mito.tif: the clean sample the run reads (sample_data/, columns rolled: see
+                           HELD_OUT_SHIFT)
   run/                     the run folder (config.yaml, noise_models/, checkpoints/, calibration.json, ...)
   report/                  `denoisplit-zoo evaluate` output (metrics.json, report.md, figures)
   recipe.yaml              the packaging recipe (names, training data, attribution); `export --recipe` re-uses it
@@ -35,7 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserError
-from .fileio import atomic_path, write_json, write_text, write_yaml
+from .fileio import OutputSet, atomic_path, write_json, write_text, write_yaml
 
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
 CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
@@ -48,6 +49,13 @@ CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae
 # noise floor in the sum: the hard part of this example.
 GAUSSIAN = 2.0
 POISSON = 1.0
+
+# The sample is ONE field, and prepare_data holds out its last stripes along the longer axis (x): validation
+# x 880-990, test x 990-1100, which here is nearly empty background right of the cell. The columns are therefore
+# rolled by HELD_OUT_SHIFT px before training, so that validation = original x 440-550 and test = original
+# x 550-660, the cell's centre (dense actin fibres and mitochondria). The roll joins the image's left and right
+# borders, both background, so the training stripe gets no visible seam.
+HELD_OUT_SHIFT = 440
 
 # Noise models: 600 iterations x 20k pairs instead of the small preset's 1000 x 50k. Measured on this sample
 # (2-core CPU): the predicted noise std stays within 1-2 % of the larger fit at the 5th-95th signal percentiles
@@ -139,24 +147,22 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose a new --out folder (or delete it)")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None) -> Path:
-    """folder/actin.tif and folder/mito.tif: the bundled clean channels byte for byte, or their top-left crop
-    (rows, cols) as uint16 (tests use a small crop). Returns the folder: the run's data path (a flat folder of two
-    TIFFs = one channel per file, sorted by name: actin, mito)."""
-    from .sample_data import copy_bpae, read_bpae
+    """folder/actin.tif and folder/mito.tif: the bundled clean channels (uint16 camera counts, lossless) with their
+    columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols) if `crop` is given (tests). Returns
+    the folder: the run's data path (a flat folder of two TIFFs = one channel per file, sorted: actin, mito)."""
+    import tifffile
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from .sample_data import read_bpae
+
     for name in CHANNELS:
-        if crop is None:
-            copy_bpae(name, folder / f"{name}.tif")
-        else:
-            import tifffile
-
-            with atomic_path(folder / f"{name}.tif") as tmp:
-                tifffile.imwrite(tmp, np.ascontiguousarray(read_bpae(name)[:crop[0], :crop[1]]))
+        img = np.roll(read_bpae(name), HELD_OUT_SHIFT, axis=1)
+        if crop is not None:
+            img = img[:crop[0], :crop[1]]
+        with atomic_path(folder / f"{name}.tif") as tmp:
+            tifffile.imwrite(tmp, np.ascontiguousarray(img))
     return folder
 
 
@@ -209,14 +215,15 @@ def probe_seconds_per_pixel_sample(cfg, device: str = "cpu") -> float:
 
 def sampling_work(halo: int, val_shape: tuple[int, int], test_shape: tuple[int, int], step: int = 16) -> dict:
     """Pixels each later stage pushes through the network PER posterior sample: the stripes plus a `halo` px
-    border each side; the export's test output and bioimageio.core's test (per weight format: the test input, then
-    batch 1 and 2 at the minimum size + 0, 1, 2 steps) at the minimum size 2 * halo + step."""
+    border each side (twice for the calibration without clean data: its input-gain probe predicts again); the
+    export's test output and bioimageio.core's test (per weight format: the test input, then batch 1 and 2 at the
+    minimum size + 0, 1, 2 steps) at the minimum size 2 * halo + step."""
     def padded(shape):
         return (shape[0] + 2 * halo) * (shape[1] + 2 * halo)
 
     m = 2 * halo + step
     per_format = m * m + 3 * sum((m + n * step) ** 2 for n in range(3))
-    return {"calibrate": padded(val_shape), "evaluate": padded(test_shape), "export": m * m + 3 * per_format,
+    return {"calibrate": 2 * padded(val_shape), "evaluate": padded(test_shape), "export": m * m + 3 * per_format,
             "predict": padded(test_shape)}
 
 
@@ -300,7 +307,7 @@ def plot_quickstart(noisy: np.ndarray, pred: np.ndarray, clean: np.ndarray, path
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # keep the title clear of the panel titles
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -349,7 +356,8 @@ def render_report(summary: dict) -> str:
         "CC-BY 4.0) were summed into one image and split again:", "",
         f"1. **data**: {d['shape'][0]} x {d['shape'][1]} px, camera counts; synthetic noise per channel: Poisson "
         f"(factor {d['poisson']:g}), then Gaussian with std {d['gaussian']:g} x std(mean of the two channels) = "
-        f"{d['gaussian_sigma']:.0f} counts. Cut into train / validation / test stripes: {d['regions']}.",
+        f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the held-out stripes "
+        f"cover the cell's centre), then cut into train / validation / test stripes: {d['regions']}.",
         "2. **noise models**: one GMM per channel, fitted to the training stripe's (clean, noisy) pairs.",
         f"3. **training**: `{t['preset']}` preset on {t['device']}, {t['steps']} steps in {t['minutes']:.1f} min "
         f"(stopped by {t['stopped_because']}; {budget['train_minutes']:.1f} min of the budget); best validation "
@@ -376,8 +384,10 @@ def render_report(summary: dict) -> str:
         "| stage | seconds |", "|---|---|",
         *[f"| {name} | {sec:.0f} |" for name, sec in s.items()],
         f"| **total** | {summary['total_seconds']:.0f} (budget {budget['minutes'] * 60:.0f}) |", "",
-        f"Posterior samples chosen to fit the budget (at most {SAMPLES_MAX}): {k}; sampling speed probed before "
-        f"training: {budget['probe_us_per_pixel_sample']:.1f} µs per pixel and sample.", "",
+        "Posterior samples per stage, chosen to fit the budget: "
+        + ", ".join(f"{st} {k[st]} (at most {SAMPLES_MAX[st]})" for st in SAMPLES_MAX)
+        + f"; sampling speed probed before training: {budget['probe_us_per_pixel_sample']:.1f} µs per pixel and "
+        "sample.", "",
     ]
     return "\n".join(lines)
 
@@ -397,13 +407,21 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, po
     Returns a dict: paths (str), metrics ({ri_psnr, ms_ssim, micro_ssim, package_ri_psnr, calibration_slope,
     calibration_scale}: {structure: value}, plus *_mean), seconds per stage, training, samples, budget, warnings,
     files; the same is written to OUT/quickstart.json."""
-    from .training import pick_device
-
     if minutes <= 0:
         raise UserError(f"--minutes must be > 0, got {minutes}")
     log = log or (lambda line: print(line, flush=True))
     out = Path(out)
     _check_out(out)
+    with OutputSet(out):  # all or nothing: a failure or Ctrl-C removes what this call wrote, so OUT can be reused
+        return _run(out, minutes, gaussian, poisson, seed, device, progress, log, preset, crop, max_steps, samples)
+
+
+def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, device: str, progress: bool,
+         log: Callable[[str], None], preset: str, crop: Optional[tuple[int, int]], max_steps: Optional[int],
+         samples: Optional[dict]) -> dict:
+    """run_quickstart's stages, inside its OutputSet."""
+    from .training import pick_device
+
     clock = _Clock(log)
     paths = {"out": out, "data": out / "bpae_sample", "run": out / "run", "report": out / "report",
              "recipe": out / "recipe.yaml", "zip": out / ZIP_NAME, "prediction": out / "prediction",
@@ -433,13 +451,13 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, po
         shutil.rmtree(nm_dir, ignore_errors=True)
     log(f"      {res.step} steps ({res.stopped_because}), best validation loss {res.best_val_loss:.4f}")
 
-    ks = samples or _choose_after_training(paths["run"], minutes * 60 - clock.elapsed, val_shape, test_shape,
-                                           per_px, per_px_cpu)
+    ks, est = _choose_after_training(paths["run"], minutes * 60 - clock.elapsed, val_shape, test_shape, per_px,
+                                     per_px_cpu, samples)
     if ks != SAMPLES_MAX and not samples:
         log(f"      posterior samples reduced to fit the budget: {ks}")
-    cal, m = _stage_calibrate_evaluate(clock, paths, ks, device, progress)
-    exp = _stage_export(clock, paths, ks["export"], data_info)
-    noisy, clean, pred, pkg = _stage_predict(clock, paths)
+    cal, m = _stage_calibrate_evaluate(clock, paths, ks, est, device, progress)
+    exp = _stage_export(clock, paths, ks["export"], est["export"], data_info)
+    noisy, clean, pred, pkg = _stage_predict(clock, paths, est["predict"])
 
     clock.stage("figure and report")
     plot_quickstart(noisy, pred, clean, paths["figure"],
@@ -477,7 +495,7 @@ def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device):
     prepared = prepare_data(cfg.data, cfg.train.patch_size)
     regions = prepared.split["regions"]  # {split: [[y0, y1], [x0, x1]]}
     shape = [max(r[0][1] for r in regions.values()), max(r[1][1] for r in regions.values())]
-    info = {"shape": shape, "gaussian": gaussian, "poisson": poisson,
+    info = {"shape": shape, "gaussian": gaussian, "poisson": poisson, "column_roll": HELD_OUT_SHIFT,
             "gaussian_sigma": prepared.noise_info["gaussian_sigma"], "regions": _describe_regions(regions)}
     clock.log(f"      {shape[0]} x {shape[1]} px; noise: Poisson x{poisson:g} + Gaussian std "
               f"{info['gaussian_sigma']:.0f} counts; {info['regions']}")
@@ -495,53 +513,57 @@ def _stage_train(cfg, run_dir: Path, nm_files: list[str], minutes: float, max_st
 
 
 def _choose_after_training(run_dir: Path, seconds_left: float, val_shape, test_shape, per_px: float,
-                           per_px_cpu: float) -> dict:
-    """K per stage that fits the time left, with the trained network's real halo (it grows with training)."""
+                           per_px_cpu: float, samples: Optional[dict]) -> tuple[dict, dict]:
+    """(K per stage, estimated seconds per stage): `samples` if given, else the most that fit the time left. Uses
+    the trained network's real halo (it grows with training)."""
     from .export import package_halo
     from .run_folder import load_run
 
     run = load_run(run_dir)
     work = sampling_work(package_halo(run.model), val_shape, test_shape, run.model.multiple)
-    return choose_samples(seconds_left, work, per_px, per_px_cpu)
+    ks = samples or choose_samples(seconds_left, work, per_px, per_px_cpu)
+    return ks, estimate_seconds(ks, work, per_px, per_px_cpu)
 
 
-def _stage_calibrate_evaluate(clock, paths, ks: dict, device: str, progress: bool) -> tuple[dict, dict]:
+def _stage_calibrate_evaluate(clock, paths, ks: dict, est: dict, device: str, progress: bool) -> tuple[dict, dict]:
     """[4] calibration from the noisy validation targets + noise models only, as a user without clean data would;
     [5] evaluation of the test stripe against the clean images."""
     from .calibration import calibrate_run
     from .evaluation import evaluate_run
 
-    clock.stage("calibration (no clean data)", f"K={ks['calibrate']} on the validation stripe")
+    clock.stage("calibration (no clean data)",
+                f"K={ks['calibrate']} on the validation stripe (~{est['calibrate']:.0f} s)")
     cal = calibrate_run(paths["run"], without_clean=True, n_samples=ks["calibrate"], tile=TILE, progress=progress,
                         device=device)
     clock.log("      std scale " + ", ".join(f"{n} {c['scale']:.3g}" for n, c in cal["channels"].items()))
-    clock.stage("evaluation (clean data)", f"K={ks['evaluate']} on the held-out test stripe")
+    clock.stage("evaluation (clean data)", f"K={ks['evaluate']} on the held-out test stripe (~{est['evaluate']:.0f} s)")
     m = evaluate_run(paths["run"], paths["report"], n_samples=ks["evaluate"], tile=TILE, progress=progress,
                      device=device)
     clock.log(f"      RI-PSNR {', '.join(f'{n} {v:.2f} dB' for n, v in m['ri_psnr'].items())}")
     return cal, m
 
 
-def _stage_export(clock, paths, k: int, data_info: dict):
+def _stage_export(clock, paths, k: int, seconds: float, data_info: dict):
     """[6] the recipe (names, the data's attribution) -> the zip, written only after bioimageio.core's test."""
     from .export import export_package
 
-    clock.stage("export + bioimageio self-test",
-                f"K={k}; state_dict + TorchScript + ONNX, bioimageio.core's test of each format (the slow part)")
+    clock.stage("export + bioimageio self-test", f"K={k}; state_dict + TorchScript + ONNX, then bioimageio.core's test "
+                                                 f"of each format (no progress bar; ~{seconds:.0f} s)")
     write_yaml(paths["recipe"], quickstart_recipe(data_info))
     exp = export_package(None, paths["zip"], recipe=str(paths["recipe"]), n_samples=k)
     clock.log("      " + exp.test_summary.splitlines()[0])
     return exp
 
 
-def _stage_predict(clock, paths):
+def _stage_predict(clock, paths, seconds: float):
     """[7] the held-out stripe through bioimageio.core from the zip, as any zoo consumer would run it; TIFFs of
     the input and the 4-channel output; RI-PSNR etc. of the package's prediction against the clean stripe."""
     from .evaluation import load_eval_data
     from .metrics import channel_metrics
     from .run_folder import load_run
 
-    clock.stage("bioimageio.core prediction from the zip", f"{PACKAGE_WEIGHTS} weights, held-out test stripe")
+    clock.stage("bioimageio.core prediction from the zip",
+                f"{PACKAGE_WEIGHTS} weights, held-out test stripe (~{seconds:.0f} s)")
     ev = load_eval_data(load_run(paths["run"]))  # the run's test stripe, rebuilt with the run's noise
     noisy, clean = ev.inputs[0], ev.clean[0]
     pred = predict_with_package(paths["zip"], noisy, PACKAGE_WEIGHTS)
@@ -573,7 +595,7 @@ def _file_list(out: Path, paths: dict) -> dict:
             "held-out noisy input": rel(paths["prediction"] / "test_region_input.tif"),
             "run folder (config, checkpoints, noise models, calibration)": rel(paths["run"]),
             "packaging recipe (`denoisplit-zoo export --recipe`)": rel(paths["recipe"]),
-            "clean data the run reads (copy of the bundled sample)": rel(paths["data"])}
+            "clean data the run reads (the bundled sample, columns rolled)": rel(paths["data"])}
 
 
 def _json_safe(obj):
@@ -586,8 +608,9 @@ def print_summary(summary: dict, log: Callable[[str], None] = print) -> None:
     """The command's last lines: files written, metrics, the validated package."""
     m, p, t = summary["metrics"], summary["paths"], summary["training"]
     log("")
+    ks = ", ".join(f"{stage} {k}" for stage, k in summary["samples"].items())
     log(f"quickstart finished in {summary['total_seconds'] / 60:.1f} min (budget {summary['budget']['minutes']:g} "
-        f"min; {t['steps']} training steps on {t['device']}; K {summary['samples']})")
+        f"min; {t['steps']} training steps on {t['device']}; posterior samples: {ks})")
     log(f"files written in {p['out']}/:")
     for what, rel in summary["files"].items():
         log(f"  {rel:40s} {what}")

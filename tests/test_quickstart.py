@@ -111,6 +111,17 @@ def test_quickstart_refuses_a_non_empty_folder(tmp_path, capsys):
     assert "not empty" in err and len(err.splitlines()) == 1
 
 
+def test_a_failed_quickstart_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure after the data stage")
+
+    monkeypatch.setattr(qs, "fit_noise_models", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        qs.run_quickstart(out, preset="tiny", crop=CROP, progress=False, log=lambda line: None)
+    assert not out.exists()  # so the same --out works next time
+
+
 # ------------------------------------------------------------------------------------------- the time budget
 def test_budget_picks_fewer_samples_on_a_slow_machine():
     work = qs.sampling_work(160, (680, 110), (680, 110))

@@ -35,8 +35,10 @@ def read_bpae(name: str) -> np.ndarray:
 
 
 def copy_bpae(name: str, dest) -> Path:
-    """Copy one BPAE channel's TIFF byte for byte to `dest` (a file path); returns `dest`."""
+    """Copy one BPAE channel's TIFF byte for byte to `dest` (a file path, written atomically); returns `dest`."""
+    from ..fileio import atomic_open
+
     dest = Path(dest)
-    with _resource(name).open("rb") as src, open(dest, "wb") as dst:
+    with _resource(name).open("rb") as src, atomic_open(dest) as dst:
         shutil.copyfileobj(src, dst)
     return dest
