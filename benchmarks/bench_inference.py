@@ -572,7 +572,7 @@ def main():
     spec0["arch"] = arch
     s_cpu, _ = build_sampler({**spec0, "device": "cpu"}, 1)
     from denoisplit_zoo.model import count_parameters
-    from denoisplit_zoo.sampling import _tile_layout, measure_halo
+    from denoisplit_zoo.sampling import measure_halo
 
     m = s_cpu.vae.multiple
     t = time.perf_counter()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ from .config import RunConfig, load_run_config
 from .errors import UserError
 from .fileio import read_json, torch_load
 from .model import LadderVAE, SplitSampler
+
+if TYPE_CHECKING:
+    from .data import Normalization
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Run:
     paths: RunPaths
     config: RunConfig
     model: LadderVAE
-    norm: "Normalization"  # noqa: F821  (data.Normalization)
+    norm: "Normalization"
     noise_models: list = field(default_factory=list)
     channel_names: list[str] = field(default_factory=lambda: ["A", "B"])
     calibration: Optional[dict] = None

@@ -14,6 +14,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (synthetic.py) 
 from synthetic import write_npz  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: these tests run small models whose speed two threads on a shared 2-core
+    machine only hurt."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A real, UNcalibrated run folder: `denoisplit-zoo train --preset tiny` for 20 steps on 6 synthetic 64x64

@@ -19,12 +19,7 @@ from denoisplit_zoo.run_folder import load_run
 TRUE = (2.5, 0.7)  # the error std is TRUE[c] x the sample std
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _linear_noise_model(a: float = 20.0, b: float = 100.0, hi: float = 250.0) -> GMMNoiseModel:

@@ -9,19 +9,13 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from denoisplit_zoo.cli import main
 
 DESIGN_KEYS = {"ri_psnr", "ri_psnr_mean", "ms_ssim", "ms_ssim_mean", "calibration", "n_samples", "n_images"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _run(argv: list[str]) -> tuple[int, str]:

@@ -12,12 +12,7 @@ from denoisplit_zoo.run_folder import load_run
 from denoisplit_zoo.sampling import measure_halo, predict_image, reflect_index, sample_tile
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _tiny_sampler(k: int, seed: int = 3, noise: bool = True) -> SplitSampler:
