@@ -17,12 +17,16 @@ ap.add_argument("zip")
 ap.add_argument("image")
 ap.add_argument("--out", required=True)
 ap.add_argument("--figure", required=True)
+ap.add_argument("--blocksize", type=int, default=4,
+                help="bioimageio.core blocks of min + n*step px (the in-graph K samples of a whole large image "
+                     "do not fit in memory)")
 a = ap.parse_args()
 
 img = tifffile.imread(a.image).astype(np.float32)
 model = load_model_description(a.zip)
 t0 = time.time()
-sample = predict(model=model, inputs={"input": xr.DataArray(img[None, None], dims=("batch", "channel", "y", "x"))})
+sample = predict(model=model, inputs={"input": xr.DataArray(img[None, None], dims=("batch", "channel", "y", "x"))},
+                 blocksize_parameter=a.blocksize)
 out = sample.members["prediction"].data.values[0]  # (4, Y, X): A mean, B mean, A std, B std (raw units)
 seconds = time.time() - t0
 tifffile.imwrite(a.out, out.astype(np.float32), imagej=True, metadata={"axes": "CYX"})
