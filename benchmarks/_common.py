@@ -68,12 +68,19 @@ def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5, dtype=torc
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of THIS process so far (MB; Linux reports KiB)."""
+    """Peak resident set size of THIS process's address space so far (MB). Linux: VmHWM of /proc/self/status, not
+    ru_maxrss, which survives execve: a worker started by a 3-GB parent would report the parent's 3 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_worker(script: str, spec: dict, timeout: float | None = None) -> dict:
-    """Run `python script --worker JSON` in a fresh process (so ru_maxrss is this configuration's alone) and parse
+    """Run `python script --worker JSON` in a fresh process (so its peak RSS is this configuration's alone) and parse
     the last stdout line as JSON. Failures come back as {"error": ...}."""
     cmd = [sys.executable, script, "--worker", json.dumps(spec)]
     try:

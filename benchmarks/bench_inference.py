@@ -15,7 +15,7 @@
 
 Per (variant, image size, K): Mpx/s (output pixels / s), ratio to (a), executed GFLOP/s (FLOPs counted with
 torch.utils.flop_counter on a meta-device copy at the exact tile size: convolutions / matmuls only, elementwise ops
-not counted) against the measured fp32 matmul rate, and peak memory (CPU: ru_maxrss of a fresh worker process per
+not counted) against the measured fp32 matmul rate, and peak memory (CPU: peak RSS (VmHWM) of a fresh worker process per
 configuration, and its growth over the model-loaded baseline; CUDA: torch.cuda.max_memory_allocated).
 Runs that would exceed `--time-limit` seconds stop after the last finished tile batch / tile row and are
 extrapolated (column `done` < 1).

@@ -7,7 +7,7 @@ a throughput benchmark; their values do not change the cost). Batches are pre-ge
 device, so data loading is NOT in the numbers (the product's loop adds its PatchDataset cost on top).
 
 Per (preset, variant): samples/s over `--steps` steps after `--warmup` steps, ratio to plain fp32, peak memory (CPU:
-ru_maxrss of a fresh worker process per configuration, and its growth over the model-built baseline; CUDA:
+peak RSS (VmHWM) of a fresh worker process per configuration, and its growth over the model-built baseline; CUDA:
 torch.cuda.max_memory_allocated). Quality guard (item 4 of the issue: a fast path only becomes a default if it
 keeps quality): every variant starts from the same weights and sees the same batches and the same latent noise, so
 the loss trajectories are comparable step by step: `loss0 rel` = relative difference of the very first loss (same

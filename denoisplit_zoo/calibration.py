@@ -9,12 +9,15 @@ Two references for the error:
   log(s^2 sigma^2)] is minimised in closed form by s^2 = mean(err^2 / sigma^2) (the reference fits the same NLL by
   Adam; the optimum is identical);
 - noisy targets only (`--without-clean`, the realistic case for an unsupervised method): a noisy target is
-  clean + observation noise, so E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + var_NM(clean). The noisy target is then
-  Gaussian with variance s^2 sigma^2 + v, v = the noise model's variance at the predicted signal (raw units), and s^2
-  is its maximum-likelihood value, found by iteratively reweighted least squares on the moment equation
-  e^2 - v = s^2 sigma^2 (weights 1 / (s^2 sigma^2 + v)^2); with v = 0 this is exactly the closed form above.
-  Individual pixels may have e^2 - v < 0; they are kept (clipping them would bias s upwards); only the fitted s^2
-  is clipped at a small positive value.
+  clean + observation noise, so E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + var_NM(clean), v = the noise model's
+  variance at the predicted signal (raw units). s^2 = mean((err^2 - v) / sigma^2) is then an unbiased estimate of the
+  SAME quantity the clean closed form computes, pixel for pixel. This matched estimating equation matters: the
+  maximum-likelihood fit of err ~ N(0, s^2 sigma^2 + v) weights pixels by ~sigma^2 / v^2 instead of 1 / sigma^2,
+  and since real errors do not grow exactly in proportion to sigma (reliability slopes of 1.3-2 on W2S), it lands on
+  a different s (measured: 4.57 vs 2.88-3.48 clean for W2S mitochondria; see docs/calibration.md).
+  Individual pixels may have err^2 - v < 0; they are kept (clipping them would bias s upwards); only the fitted s^2
+  is clipped at a small positive value. The price of the noisy reference is variance, not bias: on one 512 x 512
+  W2S field the standard error of s^2 is ~6-20 %, so calibrate on several fields.
   One more term matters in practice: the INPUT contains the target's own noise (input = noisy A + noisy B), so the
   MMSE leans towards it and E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + v - 2 v d, with d = dMMSE_c(x) / dinput(x)
   the network's local gain (Stein's identity, as in SURE). Without it the noise is over-subtracted and s collapses
@@ -46,35 +49,19 @@ _MIN_SCALE2 = 1e-12
 
 # --------------------------------------------------------------------------------------------------- pure numerics
 
-def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray] = None,
-              iterations: int = 100) -> float:
+def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray] = None) -> float:
     """Per-channel std scale s (unit-free) from flat arrays of squared errors err2 (raw^2), sample variances var
     (raw^2, uncalibrated) and, for a noisy reference, the observation-noise variances noise_var (raw^2).
 
-    Clean reference: s^2 = mean(err2 / var) (closed-form Gaussian-NLL optimum). Noisy reference: the MLE of
-    err ~ N(0, s^2 var + noise_var) by IRLS (see the module docstring). Pixels with var <= 0 carry no information
-    about s and are ignored."""
+    s^2 = mean((err2 - noise_var) / var): with clean references (noise_var = 0) the closed-form Gaussian-NLL
+    optimum, with noisy ones its unbiased estimate (module docstring). Pixels with var <= 0 carry no information
+    about s and are ignored; NaN when none is left."""
     err2, var = np.asarray(err2, np.float64).ravel(), np.asarray(var, np.float64).ravel()
     ok = var > 0
-    if noise_var is None:
-        if not ok.any():
-            return float("nan")
-        return float(np.sqrt(max(np.mean(err2[ok] / var[ok]), _MIN_SCALE2)))
-    nv = np.asarray(noise_var, np.float64).ravel()[ok]
-    e2, v = err2[ok], var[ok]
-    if e2.size == 0:
+    if not ok.any():
         return float("nan")
-    y = e2 - nv
-    s2 = max(float(np.mean(y) / np.mean(v)), 1e-3)  # moment estimate as the starting point
-    for _ in range(iterations):
-        # total variance floored: the gain-corrected noise variance can be <= 0 at single pixels
-        w = 1.0 / np.maximum(s2 * v + nv, 1e-12 * np.mean(v)) ** 2
-        new = max(float(np.sum(w * y * v) / np.sum(w * v * v)), _MIN_SCALE2)
-        if abs(new - s2) <= 1e-10 * s2:
-            s2 = new
-            break
-        s2 = new
-    return float(np.sqrt(s2))
+    excess = err2[ok] if noise_var is None else err2[ok] - np.asarray(noise_var, np.float64).ravel()[ok]
+    return float(np.sqrt(max(np.mean(excess / var[ok]), _MIN_SCALE2)))
 
 
 def reliability(std: np.ndarray, err2: np.ndarray, noise_var: Optional[np.ndarray] = None,
@@ -290,6 +277,14 @@ def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT
     channels = calibrate_arrays(pred["mean"], pred["std"], ref, run.channel_names, nv, bins)
     result = {"channels": channels, "mode": mode, "n_samples": int(n_samples), "seed": int(seed), "bins": int(bins),
               "split": "val", "n_images": int(n), "halo": int(halo), "tile": int(tile)}
+    if mode == "noisy" and val.clean is not None:
+        # --without-clean on data that has clean images (a benchmark, a method check): what the clean reference
+        # gives from the same samples, so the two calibrations can be compared. Not used by the sampler.
+        check = calibrate_arrays(pred["mean"], pred["std"], clean_on_target_scale(val.clean[:n], targets, noise_kind),
+                                 run.channel_names, None, bins)
+        result["clean_check"] = {name: {"scale": c["scale"], "slope": c["slope"], "offset": c["offset"],
+                                        "r2": c["r2"], "noisy_over_clean": channels[name]["scale"] / c["scale"]}
+                                 for name, c in check.items()}
     if n_samples < 10:  # E[1 / sample variance] grows fast for few samples (infinite for K = 2): s is biased up
         note = (note + "; " if note else "") + (f"only {n_samples} posterior samples: the sample std is noisy and "
                                                 "the fitted scale is biased upwards (use >= 20)")

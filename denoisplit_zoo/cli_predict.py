@@ -74,6 +74,9 @@ def _cmd_calibrate(a) -> int:
     for name, c in res["channels"].items():
         print(f"{name}: scale {c['scale']:.4g}  (RMSE vs RMV: slope {_f(c['slope'])}, offset {_f(c['offset'])}, "
               f"R² {_f(c['r2'])}; {c['n_pixels']} pixels)")
+    for name, c in res.get("clean_check", {}).items():
+        print(f"{name}: the clean references would give scale {c['scale']:.4g} (noisy / clean = "
+              f"{c['noisy_over_clean']:.3f}; slope {_f(c['slope'])}); not used")
     if res.get("note"):
         print(f"note: {res['note']}")
     print(f"calibration ({res['mode']} reference, K={res['n_samples']}) written: {Path(a.run) / 'calibration.json'}")

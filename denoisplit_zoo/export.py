@@ -289,17 +289,24 @@ def _safe_member(name: str) -> bool:
     return ".." not in PurePosixPath(name).parts
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+def _member_blocks(zf: zipfile.ZipFile, name: str, limit: int, missing: str):
+    """Yield the blocks of package member `name`, with one-line errors for a missing (`missing` says why it should
+    be there), implausibly large or corrupt member."""
     try:
         info = zf.getinfo(name)
     except KeyError:
-        raise UserError(f"{zf.filename}: package has no {name}") from None
+        raise UserError(f"{zf.filename}: package {missing}") from None
     if info.file_size > limit:
         raise UserError(f"{zf.filename}: {name} is implausibly large ({info.file_size} bytes)")
     try:
-        return zf.read(info)
+        with zf.open(info) as f:
+            yield from iter(lambda: f.read(1 << 20), b"")
     except Exception as e:  # BadZipFile (CRC mismatch), zlib.error, EOFError on a truncated or corrupt member
         raise UserError(f"{zf.filename}: {name} is corrupt ({type(e).__name__}: {e})") from None
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    return b"".join(_member_blocks(zf, name, limit, f"has no {name}"))
 
 
 def _rdf_config(rdf: dict, zip_path) -> dict:
@@ -332,19 +339,9 @@ def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str) -> 
             continue
         if not _safe_member(source):
             raise UserError(f"{zip_path}: rdf.yaml lists an unsafe file name ({source!r})")
-        try:
-            info = zf.getinfo(source)
-        except KeyError:
-            raise UserError(f"{zip_path}: package lacks {source}, which rdf.yaml lists") from None
-        if info.file_size > _MAX_WEIGHTS_BYTES:
-            raise UserError(f"{zip_path}: {source} is implausibly large ({info.file_size} bytes)")
         h = hashlib.sha256()
-        try:
-            with zf.open(info) as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        except Exception as e:  # BadZipFile (CRC mismatch), zlib.error, EOFError on a truncated member
-            raise UserError(f"{zip_path}: {source} is corrupt ({type(e).__name__}: {e})") from None
+        for block in _member_blocks(zf, source, _MAX_WEIGHTS_BYTES, f"lacks {source}, which rdf.yaml lists"):
+            h.update(block)
         if h.hexdigest() != sha.lower():
             raise UserError(f"{zip_path}: {source} does not match its sha256 in rdf.yaml (corrupt or edited package)")
 

@@ -16,9 +16,9 @@ from .synthetic import write_npz
 FAST_NM = {"n_iterations": 60, "batch_size": 10_000}
 
 
-def _cfg(data, **train):
+def _cfg(data, model=None, **train):
     return build_run_config("tiny", {"data": {"path": str(data), "noise": {"gaussian": 1.0, "poisson": 1.0}},
-                                     "noise_model": FAST_NM, "train": train})
+                                     "noise_model": FAST_NM, "train": train, "model": model or {}})
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,16 @@ def test_tiny_training_validation_loss_falls(data, tmp_path):
     assert {"step", "epoch", "train_loss", "val_loss", "seconds"} <= set(log[0])
 
 
-def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(data, tmp_path):
+# n_filters 32 trains channels_last on the CPU (training.py), the tiny width contiguous
+@pytest.mark.parametrize("n_filters", [8, 32])
+def test_resume_continues_at_the_saved_step_and_matches_an_uninterrupted_run(data, tmp_path, n_filters):
+    model = {"n_filters": n_filters}
     straight = tmp_path / "straight"
-    train(_cfg(data, max_steps=30, val_every=10), straight, progress=False)
+    train(_cfg(data, model, max_steps=30, val_every=10), straight, progress=False)
     part = tmp_path / "part"
-    train(_cfg(data, max_steps=20, val_every=10), part, progress=False)
+    train(_cfg(data, model, max_steps=20, val_every=10), part, progress=False)
     assert torch_load(part / "checkpoints/last.pt")["state"]["step"] == 20
-    train(_cfg(data, max_steps=30, val_every=10), part, resume=True, progress=False)
+    train(_cfg(data, model, max_steps=30, val_every=10), part, resume=True, progress=False)
     assert [e["step"] for e in _log(part)] == [10, 20, 30]
     a = torch_load(straight / "checkpoints/last.pt")["model"]
     b = torch_load(part / "checkpoints/last.pt")["model"]
