@@ -17,7 +17,7 @@ Two references for the error:
   a different s (measured: 4.57 vs 2.88-3.48 clean for W2S mitochondria; see docs/calibration.md).
   Individual pixels may have err^2 - v < 0; they are kept (clipping them would bias s upwards); only the fitted s^2
   is clipped at a small positive value. The price of the noisy reference is variance, not bias: on one 512 x 512
-  W2S field the standard error of s^2 is ~6-20 %, so calibrate on several fields.
+  W2S field the standard error of s^2 was 3-29 % (docs/calibration.md), so calibrate on several fields.
   One more term matters in practice: the INPUT contains the target's own noise (input = noisy A + noisy B), so the
   MMSE leans towards it and E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + v - 2 v d, with d = dMMSE_c(x) / dinput(x)
   the network's local gain (Stein's identity, as in SURE). Without it the noise is over-subtracted and s collapses
