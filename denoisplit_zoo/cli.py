@@ -73,8 +73,6 @@ def _cmd_train(a) -> int:
     if a.resume and "path" not in dt:
         dt["path"] = "<from run>"
     if "path" not in dt:
-        from .errors import UserError
-
         raise UserError("--data is required (or data.path in --config)")
     cfg = build_run_config(preset, over)
     res = train(cfg, a.out, resume=a.resume, noise_model_files=a.noise_models)
