@@ -212,25 +212,23 @@ def reference_predict(vae, x_norm: np.ndarray, k: int, batch: int, noise: bool, 
 # ------------------------------------------------------------------------------------------------------- (b) ours
 
 def ours_predict(predict_fn, img: np.ndarray, core: int, deadline):
-    """Run `predict_fn(image) -> (mean (2, h, w) raw, tiles)` on the whole image, or, with a deadline, on strips
-    of `core` rows (same tiles, same compute; only the strip's top/bottom halo is reflected instead of read from the
-    neighbours) until the deadline passes. -> (mean with NaN where not done, tiles done, total tiles)."""
+    """Run `predict_fn(image) -> (mean (2, h, w) raw, tiles)` on the whole image, or, with a deadline, tile by tile
+    (blocks of `core` x `core` px: the same tiles and compute; only each block's halo is reflected instead of read
+    from the neighbours) until the deadline passes. -> (mean with NaN where not done, tiles done, total tiles)."""
     h, w = img.shape
-    if deadline is None or h <= core:
+    if deadline is None or (h <= core and w <= core):
         mean, tiles = predict_fn(img)
         return mean, tiles, tiles
     mean = np.full((2, h, w), np.nan, np.float32)
+    blocks = [(y0, x0) for y0 in range(0, h, core) for x0 in range(0, w, core)]
     done = 0
-    n_rows = -(-h // core)
-    per_row = None
-    for y0 in range(0, h, core):
-        mu, tiles = predict_fn(img[y0:y0 + core])
-        mean[:, y0:y0 + core] = mu
+    for y0, x0 in blocks:
+        mu, tiles = predict_fn(img[y0:y0 + core, x0:x0 + core])
+        mean[:, y0:y0 + core, x0:x0 + core] = mu
         done += tiles
-        per_row = tiles
         if time.perf_counter() > deadline:
             break
-    return mean, done, per_row * n_rows
+    return mean, done, len(blocks)
 
 
 def generic_predict(tile_fn, img: np.ndarray, norm, tile: int, halo: int, m: int) -> tuple[np.ndarray, int]:

@@ -150,15 +150,28 @@ def worker(spec: dict) -> dict:
     return info
 
 
+def per_preset(ap, flag: str, values: list[str]) -> dict:
+    """['20', 'paper=8'] -> {None: 20, 'paper': 8} (None: every preset not named)."""
+    out: dict = {}
+    for v in values:
+        key, _, num = v.rpartition("=")
+        if (key and key not in PRESETS) or not num.isdigit() or int(num) < 1:
+            ap.error(f"{flag}: expected N or PRESET=N with PRESET in {list(PRESETS)}, got {v!r}")
+        out[key or None] = int(num)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "small", "paper"], choices=list(PRESETS))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--steps", nargs="+", default=["20"], metavar="[PRESET=]N",
+                    help="timed steps: N for every preset and/or PRESET=N for one (e.g. 20 paper=8)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    ap.add_argument("--batch-size", nargs="+", default=[], metavar="[PRESET=]N",
+                    help="override the presets' batch size: N for every preset and/or PRESET=N for one")
     ap.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto",
                     help="one worker process per configuration (CPU peak memory); auto = yes on CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny + small, few steps")
@@ -169,7 +182,8 @@ def main():
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     if args.quick:
-        args.presets, args.steps, args.warmup = ["tiny", "small"], 4, 1
+        args.presets, args.steps, args.warmup = ["tiny", "small"], ["4"], 1
+    steps, batch = per_preset(ap, "--steps", args.steps), per_preset(ap, "--batch-size", args.batch_size)
     threads = C.set_threads(args.threads)
     device = torch.device(args.device)
     isolate = (args.device == "cpu") if args.isolate == "auto" else args.isolate == "yes"
@@ -180,7 +194,8 @@ def main():
         base = None
         for variant in args.variants:
             spec = {"preset": preset, "variant": variant, "device": args.device, "threads": threads,
-                    "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size}
+                    "steps": steps.get(preset, steps.get(None)), "warmup": args.warmup,
+                    "batch_size": batch.get(preset, batch.get(None))}
             if isolate:
                 r = C.run_worker(__file__, spec)
             else:
@@ -188,7 +203,7 @@ def main():
                     r = worker(spec)
                 except Exception as e:  # noqa: BLE001
                     r = {"error": f"{type(e).__name__}: {e}"}
-            row = {"preset": preset, "variant": variant, **r}
+            row = {"preset": preset, "variant": variant, "steps": spec["steps"], **r}
             if "error" not in r:
                 if variant == "fp32":
                     base = row
@@ -208,13 +223,13 @@ def main():
                   f"{r['samples_s']:.1f} samples/s, peak {r['peak_mem_mb']:.0f} MB, finite {r['finite']}"),
                   flush=True)
     out = {"benchmark": "training", "complete": True, "machine": C.machine_info(device), "matmul_fp32_gflops": mm,
-           "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
+           "steps": {k or "all": v for k, v in steps.items()}, "warmup": args.warmup, "quick": args.quick,
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "results": rows}
     print()
     print(f"Training step throughput, {threads} threads, {args.device} (data loading excluded)")
     print(C.markdown_table([r for r in rows if "samples_s" in r], [
         ("preset", "preset", 0), ("variant", "variant", 0), ("batch", "batch_size", 0), ("patch", "patch_size", 0),
-        ("samples/s", "samples_s", 2), ("ms/step", "step_ms", 1), ("× fp32", "ratio_to_fp32", 2),
+        ("steps", "steps", 0), ("samples/s", "samples_s", 2), ("ms/step", "step_ms", 1), ("× fp32", "ratio_to_fp32", 2),
         ("peak MB", "peak_mem_mb", 0), ("fixed-eps rel", "fixed_eps_rel_diff", 6), ("loss0 rel", "loss0_rel_diff", 5),
         ("max rel", "loss_max_rel_diff", 5),
         ("final loss", "final_loss", 4), ("finite", "finite", 0)]))

@@ -16,7 +16,8 @@ normalised target units); `predict_image` takes and returns RAW units.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ from .model import LadderVAE, SplitSampler, counter_normal
 
 # --------------------------------------------------------------------------------------------------------- the halo
 
-HALO_TOLERANCE = 1e-6
+# Tile seams of at most ~3e-4 of the output maximum (measured below): 13x under 8-bit quantisation, far under the
+# Monte-Carlo error of the MMSE and the model's own error, for 1.5-2x fewer FLOPs than 1e-6 at 512-px tiles.
+HALO_TOLERANCE = 1e-3
 
 
 def _grad_map(model: LadderVAE, size: int, seed: int) -> np.ndarray:
@@ -67,19 +70,22 @@ def _tail_mass(grad: np.ndarray, m: int) -> tuple[np.ndarray, float]:
 def measure_halo(model: LadderVAE, size: int | None = None, tolerance: float = HALO_TOLERANCE,
                  max_size: int = 2048, seed: int = 0) -> int:
     """The network's measured effective receptive-field radius in input pixels, rounded UP to a multiple of
-    2**n_levels: the halo each side of a tile needs so that tiled and untiled predictions agree (<= 1e-4 relative).
+    2**n_levels: the halo each side of a tile needs so that tiled and untiled predictions agree (<= 1e-3 relative).
 
     Criterion: take the gradient of the central 2**n_levels x 2**n_levels output block (both channels, posterior
     means, eval mode, a random-normal input) with respect to the input; the radius r is the smallest Chebyshev
-    distance from that block such that all |gradient| farther than r is at most `tolerance` (1e-6) of the total.
+    distance from that block such that all |gradient| farther than r is at most `tolerance` (1e-3) of the total.
     The measurement input starts at `size` (default 16 * 2**n_levels, at least 256) and doubles (up to `max_size`)
     while more than `tolerance` of the gradient still lies in the outermost 2**n_levels pixels, i.e. until the
     input is large enough that the (decaying) tail is not cut off. The theoretical receptive field is much larger
     (every 3x3 conv at every level adds to it) but its outer part carries a negligible weight.
 
-    Why 1e-6: with it, tiles with this halo reproduce one-big-tile predictions to ~1e-7 relative (tests: <= 1e-4);
-    random-weight values: tiny 56 px, small 112, paper 112 (a trained tiny run: 72), about 1 / 2 / 5 s on one CPU
-    thread. The radius grows only slowly as the tolerance shrinks (tiny: 43 px at 1e-4, 56 at 1e-6, 60 at 1e-7).
+    Why 1e-3 (it was 1e-6): the halo is most of a tile's cost (a 512-px tile with a 176-px halo is fed as 864 px).
+    Trained W2S models (posterior means, 128-px tiles vs one tile; scratch measurement, benchmarks/README.md):
+    small denoiSplit 176 -> 96 px, max seam error 2.1e-4 of the output maximum (rms 8e-5 of its std); paper
+    denoiSplit 176 -> 128 px, 2.4e-4; small uSplit 128 -> 48 px, 3.3e-4. At 1e-6 the seams were ~3e-7; the 1e-3
+    seams are still 13x below 8-bit quantisation and far below the Monte-Carlo error of K = 50 samples.
+    Random-weight values: tiny 40 px, small 48, paper 48 (at 1e-6: 56 / 112 / 112); 0.2-2 s on one CPU thread.
 
     The model's train/eval mode is restored afterwards; parameter gradients are not touched.
     """
@@ -175,6 +181,26 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
 
 # ------------------------------------------------------------------------------------------ whole-image prediction
 
+@contextmanager
+def cpu_channels_last(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` with NHWC (channels_last) parameters while on the CPU, then restore its memory format.
+
+    Why: oneDNN's NHWC convolutions and the elementwise ops between them make posterior sampling 1.3-1.6x faster on
+    the CPU (8, 16, 32 and 64 filters; scratch measurement in benchmarks/README.md, 'Inference'); the arithmetic is the
+    same up to float round-off (~1e-7 relative). CUDA is left as it is (not measured there). A model that is already
+    NHWC (training on the CPU) is left alone."""
+    # a weight with one input channel is 'contiguous' in both formats: judge by the others
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    convert = any(p.device.type == "cpu" and not p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    if convert:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if convert:
+            model.to(memory_format=torch.contiguous_format)
+
+
 def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     """Map any integer coordinates onto [0, n) by mirror reflection without repeating the edge pixel (numpy's
     'reflect'), repeated as often as needed, so padding may exceed the image size; n = 1 maps everything to 0."""
@@ -230,21 +256,22 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
     chunk = int(chunk) if chunk else auto_chunk(sampler, cy + 2 * halo, cx + 2 * halo)
     bar = tqdm(total=ny * nx * k, desc="samples x tiles", unit="pass", disable=not progress or ny * nx * k < 4,
                leave=False)
-    for i in range(ny):
-        for j in range(nx):
-            y0, x0 = i * cy, j * cx  # image coordinates of the kept centre; the tile starts halo earlier
-            rows = reflect_index(np.arange(y0 - halo, y0 + cy + halo), h)
-            cols = reflect_index(np.arange(x0 - halo, x0 + cx + halo), w)
-            t = torch.from_numpy(np.ascontiguousarray(x_norm[np.ix_(rows, cols)]))[None, None].to(device)
-            mu, sd, smp = sample_tile(sampler, t, chunk, return_samples, on_chunk=bar.update)
-            ey, ex = min(cy, h - y0), min(cx, w - x0)  # the last tile may stick out of the image
-            keep = (slice(halo, halo + ey), slice(halo, halo + ex))
-            out = (slice(y0, y0 + ey), slice(x0, x0 + ex))
-            mean[(slice(None), *out)] = mu[0][(slice(None), *keep)].cpu().numpy() * ts + tm
-            std[(slice(None), *out)] = sd[0][(slice(None), *keep)].cpu().numpy() * ts
-            if return_samples:
-                raw = smp[:, 0][(slice(None), slice(None), *keep)].cpu().numpy() * ts + tm
-                samples[(slice(None), slice(None), *out)] = raw
+    with cpu_channels_last(vae):  # NHWC on the CPU: 1.3-1.6x faster, same numbers
+        for i in range(ny):
+            for j in range(nx):
+                y0, x0 = i * cy, j * cx  # image coordinates of the kept centre; the tile starts halo earlier
+                rows = reflect_index(np.arange(y0 - halo, y0 + cy + halo), h)
+                cols = reflect_index(np.arange(x0 - halo, x0 + cx + halo), w)
+                t = torch.from_numpy(np.ascontiguousarray(x_norm[np.ix_(rows, cols)]))[None, None].to(device)
+                mu, sd, smp = sample_tile(sampler, t, chunk, return_samples, on_chunk=bar.update)
+                ey, ex = min(cy, h - y0), min(cx, w - x0)  # the last tile may stick out of the image
+                keep = (slice(halo, halo + ey), slice(halo, halo + ex))
+                out = (slice(y0, y0 + ey), slice(x0, x0 + ex))
+                mean[(slice(None), *out)] = mu[0][(slice(None), *keep)].cpu().numpy() * ts + tm
+                std[(slice(None), *out)] = sd[0][(slice(None), *keep)].cpu().numpy() * ts
+                if return_samples:
+                    raw = smp[:, 0][(slice(None), slice(None), *keep)].cpu().numpy() * ts + tm
+                    samples[(slice(None), slice(None), *out)] = raw
     bar.close()
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # never hand out (or write) NaN/inf predictions
         raise UserError(f"the prediction is not finite: the input's intensities ({img.min():.4g} .. {img.max():.4g}) "

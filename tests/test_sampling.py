@@ -9,7 +9,7 @@ import torch
 from denoisplit_zoo.data import Normalization
 from denoisplit_zoo.model import LadderVAE, SplitSampler, counter_normal
 from denoisplit_zoo.run_folder import load_run
-from denoisplit_zoo.sampling import measure_halo, predict_image, reflect_index, sample_tile
+from denoisplit_zoo.sampling import cpu_channels_last, measure_halo, predict_image, reflect_index, sample_tile
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -67,6 +67,23 @@ def test_chunked_sampling_equals_sampler_and_naive_loop():
         torch.testing.assert_close(s2, std, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_channels_last_same_numbers_then_restored():
+    """predict_image's NHWC fast path: the same samples as the contiguous network, the caller's format kept."""
+    s = _tiny_sampler(4)
+    x = torch.randn(1, 1, 40, 48, generator=torch.Generator().manual_seed(2))
+    plain = sample_tile(s, x, chunk=3)
+    with cpu_channels_last(s.vae):
+        assert s.vae.head.weight.is_contiguous(memory_format=torch.channels_last)
+        fast = sample_tile(s, x, chunk=3)
+    assert s.vae.head.weight.is_contiguous() and not s.vae.head.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain[:2], fast[:2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    s.vae.to(memory_format=torch.channels_last)  # already NHWC (CPU training): left NHWC
+    with cpu_channels_last(s.vae):
+        pass
+    assert s.vae.head.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_single_sample_has_zero_std():
     s = _tiny_sampler(1)
     mean, std, _ = sample_tile(s, torch.randn(1, 1, 16, 16))
@@ -92,7 +109,7 @@ def test_reflect_index_matches_numpy_and_handles_tiny_axes():
 
 
 def test_tiled_equals_untiled_with_posterior_means(tiny_run):
-    """noise=False: tiles of 24 px (origins on the 8-px grid) with the measured halo == one big tile, 1e-4 relative;
+    """noise=False: tiles of 24 px (origins on the 8-px grid) with the measured halo == one big tile, 1e-3 of the range;
     with a too-small halo the seams show (the check is sensitive)."""
     run = load_run(tiny_run)
     s = run.sampler(2, noise=False)
@@ -102,10 +119,10 @@ def test_tiled_equals_untiled_with_posterior_means(tiny_run):
     tiled = predict_image(s, img, run.norm, tile=24, halo=halo)
     assert whole["tiles"] == 1 and tiled["tiles"] == 9
     assert whole["mean"].shape == (2, 53, 70) and float(whole["mean"].std()) > 1e-3 * np.abs(whole["mean"]).max()
-    scale = np.abs(whole["mean"]).max()
-    assert np.abs(tiled["mean"] - whole["mean"]).max() <= 1e-4 * scale
+    scale = np.ptp(whole["mean"])  # the output's range (an offset would make |max| a loose yardstick)
+    assert np.abs(tiled["mean"] - whole["mean"]).max() <= 1e-3 * scale
     seams = predict_image(s, img, run.norm, tile=24, halo=8)
-    assert np.abs(seams["mean"] - whole["mean"]).max() > 1e-4 * scale
+    assert np.abs(seams["mean"] - whole["mean"]).max() > 1e-3 * scale
 
 
 def test_predict_image_units_small_images_and_samples():
