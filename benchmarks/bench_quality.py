@@ -9,8 +9,9 @@ Protocol (issue 6, item 1):
   and `--real-noise`: input = the sum of the two REAL noisy frames, training targets = the noisy frames, evaluation
   against the clean frames (mapped onto the noisy frames' intensity scale per image; RI-PSNR is range-invariant).
 - methods: `denoisplit` and `usplit` trained by training.train with the same preset and the same time budget
-  (`--minutes`, max_minutes; early stopping may end a run sooner), then calibrated on the validation fields
-  (calibration.calibrate_run) and evaluated on the test fields (evaluation.evaluate_run, K = `--samples`);
+  (`--minutes`, max_minutes; early stopping may end a run sooner unless `--early-stop-patience` exceeds the
+  budget's validations; the best validation checkpoint is evaluated either way), then calibrated on the validation
+  fields (calibration.calibrate_run) and evaluated on the test fields (evaluation.evaluate_run, K = `--samples`);
   `naive` = input / 2 for each channel.
 - metrics: RI-PSNR per channel and mean, MS-SSIM mean, calibration slope (RMSE vs RMV on the test fields with the
   scale fitted on the validation fields; ideal 1).
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,7 +74,9 @@ def run_config(args, st: dict, loss: str):
     return build_run_config(args.preset, {
         "data": {"path": str(Path(args.data).resolve()), "channels": tuple(st["channels"]), "noise": st["noise"],
                  "split": (0.8, 0.1, 0.1)},
-        "train": {"loss": loss, "max_minutes": args.minutes, "device": args.device}})
+        "train": {"loss": loss, "max_minutes": args.minutes, "device": args.device,
+                  **({"early_stop_patience": args.early_stop_patience} if args.early_stop_patience else {}),
+                  **({"lr_patience": args.lr_patience} if args.lr_patience else {})}})
 
 
 def naive(args, st: dict) -> dict:
@@ -121,6 +125,20 @@ def trained(args, st: dict, loss: str, run_dir: Path) -> dict:
             "stopped": res.stopped_because, "best_val_loss": res.best_val_loss, "run": str(run_dir)}
 
 
+def run_parts(jobs: int) -> None:
+    """Run this command as `jobs` concurrent worker processes, each on every jobs-th setting; output prefixed."""
+    argv = [a for a in sys.argv[1:]]
+    if "--jobs" in argv:
+        i = argv.index("--jobs")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--jobs=")]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--part", f"{i}/{jobs}"])
+             for i in range(jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        print(f"[bench_quality] worker exit codes {codes}; the table below holds what finished", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=DEFAULT_DATA)
@@ -132,12 +150,19 @@ def main():
                     choices=["denoisplit", "usplit", "naive"])
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     ap.add_argument("--minutes", type=float, default=30.0, help="training time budget per trained model")
+    ap.add_argument("--early-stop-patience", type=int,
+                    help="validations without improvement before stopping (default: the preset's; set it above "
+                         "the budget's validations so every method trains for the whole budget)")
+    ap.add_argument("--lr-patience", type=int, help="ReduceLROnPlateau patience in validations (default: preset's)")
     ap.add_argument("--samples", type=int, default=20, help="posterior samples K for calibration and evaluation")
     ap.add_argument("--max-images", type=int, help="evaluate / calibrate on at most this many fields")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the validation calibration (scale 1)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="settings run in this many concurrent processes (each with --threads), then one table")
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # "i/N": a --jobs worker runs settings i, i+N, ...
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: tiny preset, 10 fields cropped to 256 px, pair 0,2, Gaussian x2 + real noise, "
                          "6 s per training, K = 4, 1 test field")
@@ -151,8 +176,14 @@ def main():
         args.data = quick_subset(args.data, out)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    todo = settings(args)
+    if args.jobs > 1 and not args.part:
+        run_parts(args.jobs)  # every setting's results are then cached: the loop below only assembles the table
+    if args.part:
+        i, n = (int(v) for v in args.part.split("/"))
+        todo = todo[i::n]
     rows = []
-    for st in settings(args):
+    for st in todo:
         for method in args.losses:
             res_path = out / "results" / f"{st['name']}_{method}.json"
             if res_path.is_file():
@@ -186,11 +217,14 @@ def main():
         ("RI-PSNR B", "ri_psnr_B", 2), ("RI-PSNR mean", "ri_psnr_mean", 2), ("Δ vs uSplit", "delta_vs_usplit", 2),
         ("MS-SSIM mean", "ms_ssim_mean", 4), ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0),
         ("test fields", "n_images", 0)])
+    if args.part:
+        return
     print()
     print(f"Quality on W2S test fields, preset {args.preset}, {args.minutes:g} min per training, K = {args.samples}")
     print(table)
     summary = {"benchmark": "quality", "machine": C.machine_info(device), "threads": threads, "preset": args.preset,
-               "minutes": args.minutes, "samples": args.samples, "max_images": args.max_images, "data": args.data,
+               "minutes": args.minutes, "early_stop_patience": args.early_stop_patience,
+               "lr_patience": args.lr_patience, "samples": args.samples, "max_images": args.max_images, "data": args.data,
                "quick": args.quick, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                "results": rows}
     C.write_json(str(out / "quality.json"), summary)

@@ -1,4 +1,9 @@
-"""Training-step throughput per preset: the plain fp32 loop vs bf16 autocast, channels_last, and both.
+"""Training-step throughput per preset: the plain fp32 loop vs bf16 autocast, channels_last, heap-reused memory.
+
+Variants: `fp32` the plain loop (contiguous, default allocator); `bf16` autocast; `channels_last` NHWC weights and
+batches; `heap` large CPU blocks from glibc's reused heap instead of a fresh mmap each (allocator.heap_allocations,
+what training.train does on the CPU); combinations joined by '+'. `channels_last+heap` is the product's CPU loop for
+networks of >= 32 filters, `heap` alone for narrower ones.
 
 One step = exactly what training.train does per batch: LadderVAE forward with KL (torch.randn latents), the real
 `losses.loss_terms` (denoiSplit: GMM noise-model likelihood in fp32 + image-size KL with free bits), backward,
@@ -40,7 +45,7 @@ import _common as C  # noqa: E402
 # preset -> model (n_levels, z_dim, n_filters, dropout), train (patch_size, batch_size); mirrors config.PRESETS
 PRESETS = {"tiny": ((3, 4, 8, 0.0), (32, 4)), "small": ((4, 32, 32, 0.1), (64, 16)),
            "paper": ((4, 128, 64, 0.1), (128, 32))}
-VARIANTS = ("fp32", "bf16", "channels_last", "bf16+channels_last")
+VARIANTS = ("fp32", "bf16", "channels_last", "bf16+channels_last", "heap", "channels_last+heap")
 
 
 def preset_dims(name: str) -> tuple[tuple, tuple]:
@@ -130,16 +135,19 @@ def worker(spec: dict) -> dict:
 
     model.train()
     torch.manual_seed(1)  # same dropout / latent draws in every variant
-    for i in range(spec["warmup"]):
-        step(i)
-    C.sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for i in range(spec["warmup"], n_total):
-        step(i)
-    C.sync(device)
-    secs = time.perf_counter() - t0
+    from denoisplit_zoo.allocator import heap_allocations
+
+    with heap_allocations("heap" in variant and device.type == "cpu"):
+        for i in range(spec["warmup"]):
+            step(i)
+        C.sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for i in range(spec["warmup"], n_total):
+            step(i)
+        C.sync(device)
+        secs = time.perf_counter() - t0
     info.update(seconds=secs, samples_s=spec["steps"] * batch / secs, step_ms=1000 * secs / spec["steps"],
                 batch_size=batch, patch_size=patch, losses=losses, finite=bool(np.isfinite(losses).all()))
     if device.type == "cuda":

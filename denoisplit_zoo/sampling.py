@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import heap_allocations
 from .errors import UserError
 from .model import LadderVAE, SplitSampler, counter_normal
 
@@ -256,7 +257,8 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
     chunk = int(chunk) if chunk else auto_chunk(sampler, cy + 2 * halo, cx + 2 * halo)
     bar = tqdm(total=ny * nx * k, desc="samples x tiles", unit="pass", disable=not progress or ny * nx * k < 4,
                leave=False)
-    with cpu_channels_last(vae):  # NHWC on the CPU: 1.3-1.6x faster, same numbers
+    # NHWC and heap-reused activations on the CPU: together ~3x faster sampling, same numbers (allocator.py)
+    with cpu_channels_last(vae), heap_allocations(device.type == "cpu"):
         for i in range(ny):
             for j in range(nx):
                 y0, x0 = i * cy, j * cx  # image coordinates of the kept centre; the tile starts halo earlier

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import heap_allocations
 from .config import RunConfig
 from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
 from .errors import UserError
@@ -297,44 +298,47 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
     if state.bad_validations >= tc.early_stop_patience:  # resuming a run that had already stopped early
         stopped, max_steps = "early_stopping", state.step
     model.train()
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True,
+               mininterval=1.0)
     try:
-        while state.step < max_steps:
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped = "max_minutes"
-                break
-            dataset.set_epoch(state.epoch)
-            perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(tc.seed * 100003 + state.epoch))
-            idx = perm[state.pos: state.pos + tc.batch_size].tolist()
-            batch = [dataset[i] for i in idx]
-            x = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
-            y = torch.stack([b[1] for b in batch]).to(device)
-            terms = objective(x, y, True)
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(terms.total):
-                terms.total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                # one NaN/inf gradient (e.g. an overflowing likelihood) must not poison the weights: skip the step
-                if torch.isfinite(grad_norm):
-                    opt.step()
-            state.step += 1
-            state.pos += tc.batch_size
-            if state.pos + tc.batch_size > len(dataset):
-                state.epoch, state.pos = state.epoch + 1, 0
-            train_acc["loss"] += float(terms.total.detach())
-            train_acc["rec"] += float(terms.reconstruction)
-            train_acc["kl"] += float(terms.kl)
-            train_acc["n"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
-                            kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-
-            if state.step % tc.val_every == 0 or state.step >= max_steps:
-                if validation_round():
-                    stopped = "early_stopping"
+        with heap_allocations(device.type == "cpu"):  # reuse freed activations (allocator.py)
+            while state.step < max_steps:
+                if deadline is not None and time.monotonic() >= deadline:
+                    stopped = "max_minutes"
                     break
-        if stopped == "max_minutes" and state.step % tc.val_every != 0:
-            validation_round()  # stopped by the clock between validations: nothing trained is lost
+                dataset.set_epoch(state.epoch)
+                g = torch.Generator().manual_seed(tc.seed * 100003 + state.epoch)
+                perm = torch.randperm(len(dataset), generator=g)
+                idx = perm[state.pos: state.pos + tc.batch_size].tolist()
+                batch = [dataset[i] for i in idx]
+                x = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
+                y = torch.stack([b[1] for b in batch]).to(device)
+                terms = objective(x, y, True)
+                opt.zero_grad(set_to_none=True)
+                if torch.isfinite(terms.total):
+                    terms.total.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    # one NaN/inf gradient (e.g. an overflowing likelihood) must not poison the weights: skip the step
+                    if torch.isfinite(grad_norm):
+                        opt.step()
+                state.step += 1
+                state.pos += tc.batch_size
+                if state.pos + tc.batch_size > len(dataset):
+                    state.epoch, state.pos = state.epoch + 1, 0
+                train_acc["loss"] += float(terms.total.detach())
+                train_acc["rec"] += float(terms.reconstruction)
+                train_acc["kl"] += float(terms.kl)
+                train_acc["n"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
+                                kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+
+                if state.step % tc.val_every == 0 or state.step >= max_steps:
+                    if validation_round():
+                        stopped = "early_stopping"
+                        break
+            if stopped == "max_minutes" and state.step % tc.val_every != 0:
+                validation_round()  # stopped by the clock between validations: nothing trained is lost
     finally:
         bar.close()  # before any error message: a bar printed after it would bury it
     state.seconds = time.monotonic() - t_start
