@@ -40,9 +40,11 @@ numeric agreement, not image quality.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -470,23 +472,31 @@ def run_config(args, spec: dict) -> dict:
 # ------------------------------------------------------------------------------------------------------- quality
 
 def quality(means: dict, clean, k: int) -> dict:
-    """means {variant: (2, H, W) raw MMSE, NaN where not done}; RI-PSNR vs clean and vs each other on the pixels
-    every variant finished."""
+    """means {variant: (2, H, W) raw MMSE, NaN where not done}; RI-PSNR vs clean and vs each other on the rows
+    that eager and the reference finished; a variant that did not finish those rows is left out with a note."""
     from denoisplit_zoo.metrics import ri_psnr
 
     if "eager" not in means:
         return {}
     h = min(v.shape[1] for v in means.values())
     w = min(v.shape[2] for v in means.values())
-    ok = np.ones((h, w), bool)
-    for v in means.values():
-        ok &= np.isfinite(v[:, :h, :w]).all(0)
-    rows = np.where(ok.all(1))[0]
+
+    def done_rows(v):
+        return np.isfinite(v[:, :h, :w]).all(0).all(1)
+
+    ok = np.ones(h, bool)
+    for n in ("eager", "ref", "ref-tuned"):
+        if n in means:
+            ok &= done_rows(means[n])
+    rows = np.where(ok)[0]
     if rows.size == 0:
-        return {"note": "no region finished by every variant"}
+        return {"note": "no rows finished by both eager and the reference"}
+    left_out = {n: "did not finish the rows eager and the reference finished" for n, v in means.items()
+                if not done_rows(v)[rows].all()}
+    means = {n: v for n, v in means.items() if n not in left_out}
     r0, r1 = rows[0], rows[-1] + 1
     cut = {n: v[:, r0:r1, :w] for n, v in means.items()}
-    out = {"k": k, "region": [int(r0), int(r1), 0, int(w)]}
+    out = {"k": k, "region": [int(r0), int(r1), 0, int(w)], **{n: {"note": why} for n, why in left_out.items()}}
     e = cut["eager"]
     for n, v in cut.items():
         row = {}
@@ -612,6 +622,7 @@ def main():
                   "counted": "torch.utils.flop_counter (convolutions, transposed convolutions, matmuls)"}
 
     tmp = tempfile.mkdtemp(prefix="bench_inf_")
+    atexit.register(shutil.rmtree, tmp, True)  # images, graphs and means of this run only
     img_paths = {}
     for s in sizes:
         img_paths[s] = os.path.join(tmp, f"img{s}.npy")

@@ -32,8 +32,12 @@ class Gate(nn.Module):
         self.conv = nn.Conv2d(c, 2 * c, 1)
 
     def forward(self, x):
-        a, g = self.conv(x).chunk(2, dim=1)
-        return F.elu(a) * torch.sigmoid(g)
+        # the conv's two halves as two convs: the same numbers and parameters, but contiguous outputs (a channel
+        # slice of an NHWC map is strided, which slows ELU and sigmoid; 1.09x whole-model CPU sampling)
+        c = self.conv.out_channels // 2
+        w, b = self.conv.weight, self.conv.bias
+        assert b is not None
+        return F.elu(F.conv2d(x, w[:c], b[:c])) * torch.sigmoid(F.conv2d(x, w[c:], b[c:]))
 
 
 class ResidualBlock(nn.Module):
