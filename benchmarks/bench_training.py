@@ -2,8 +2,7 @@
 
 Variants: `fp32` the plain loop (contiguous, default allocator); `bf16` autocast; `channels_last` NHWC weights and
 batches; `heap` large CPU blocks from glibc's reused heap instead of a fresh mmap each (allocator.heap_allocations,
-what training.train does on the CPU); combinations joined by '+'. `channels_last+heap` is the product's CPU loop for
-networks of >= 32 filters, `heap` alone for narrower ones.
+what training.train does on the CPU); combinations joined by '+'. `channels_last+heap` is the product's CPU loop.
 
 One step = exactly what training.train does per batch: LadderVAE forward with KL (torch.randn latents), the real
 `losses.loss_terms` (denoiSplit: GMM noise-model likelihood in fp32 + image-size KL with free bits), backward,

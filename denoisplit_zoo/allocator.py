@@ -3,10 +3,11 @@
 Why: glibc's malloc serves every block above its mmap threshold (at most 32 MiB on 64-bit) with a new mmap and
 returns it to the kernel on free. Activation maps of a 704-px tile (32 filters x K samples) or of a paper-preset
 batch are hundreds of MB, so every elementwise op then page-faults (and the kernel zeroes) its whole output again.
-With mmap off and trimming deferred, freed blocks are reused: posterior sampling of the small W2S model ran 2.06x
-faster on this project's 2-core CPU (704-px tile, K = 4: 8.63 -> 4.19 s), a paper-preset training step 1.38x
-(batch 8; benchmarks/README.md). The same effect as preloading jemalloc/tcmalloc (what PyTorch's CPU launcher
-does), without touching the user's environment.
+With mmap off and trimming deferred, freed blocks are reused. On this project's 2-core CPU
+(benchmarks/bench_cpu_paths.py, 448/512-px tiles, K = 4): sampling of the trained small / paper W2S models 1.75x /
+1.77x faster in NCHW, 1.53x / 1.34x on top of NHWC; training steps: benchmarks/README.md (bench_training.py, `heap`
+rows). The same effect as preloading jemalloc/tcmalloc (what PyTorch's CPU launcher does), without touching the
+user's environment.
 
 The settings are process-wide, so they are applied only for the duration of the `with` block (outermost block wins
 when nested) and the glibc defaults are restored afterwards, with `malloc_trim(0)` giving the peak back to the

@@ -33,7 +33,7 @@ class Gate(nn.Module):
 
     def forward(self, x):
         # the conv's two halves as two convs: the same numbers and parameters, but contiguous outputs (a channel
-        # slice of an NHWC map is strided, which slows ELU and sigmoid; 1.09x whole-model CPU sampling)
+        # slice of an NHWC map is strided, which slows ELU and sigmoid on the CPU)
         c = self.conv.out_channels // 2
         w, b = self.conv.weight, self.conv.bias
         assert b is not None

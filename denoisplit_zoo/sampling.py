@@ -29,8 +29,8 @@ from .model import LadderVAE, SplitSampler, counter_normal
 
 # --------------------------------------------------------------------------------------------------------- the halo
 
-# Tile seams of at most ~3e-4 of the output maximum (measured below): 13x under 8-bit quantisation, far under the
-# Monte-Carlo error of the MMSE and the model's own error, for 1.5-2x fewer FLOPs than 1e-6 at 512-px tiles.
+# Tile seams of at most ~3.3e-4 of the output maximum (measured below): 12x under 8-bit quantisation, far under the
+# Monte-Carlo error of the MMSE and the model's own error, for 1.3-1.6x fewer FLOPs than 1e-6 at 512-px tiles.
 HALO_TOLERANCE = 1e-3
 
 
@@ -82,10 +82,10 @@ def measure_halo(model: LadderVAE, size: int | None = None, tolerance: float = H
     (every 3x3 conv at every level adds to it) but its outer part carries a negligible weight.
 
     Why 1e-3 (it was 1e-6): the halo is most of a tile's cost (a 512-px tile with a 176-px halo is fed as 864 px).
-    Trained W2S models (posterior means, 128-px tiles vs one tile; scratch measurement, benchmarks/README.md):
-    small denoiSplit 176 -> 96 px, max seam error 2.1e-4 of the output maximum (rms 8e-5 of its std); paper
-    denoiSplit 176 -> 128 px, 2.4e-4; small uSplit 128 -> 48 px, 3.3e-4. At 1e-6 the seams were ~3e-7; the 1e-3
-    seams are still 13x below 8-bit quantisation and far below the Monte-Carlo error of K = 50 samples.
+    Trained W2S models (posterior means, 128-px tiles vs one tile; benchmarks/bench_cpu_paths.py): small denoiSplit
+    176 -> 96 px, max seam error 3.0e-4 of the output maximum (rms 1.7e-4 of its std); paper denoiSplit
+    176 -> 128 px, 2.2e-4; small uSplit 128 -> 48 px, 3.3e-4. At 1e-6 the seams were <= 6e-7; the 1e-3 seams are
+    still 12x below 8-bit quantisation and far below the Monte-Carlo error of K = 50 samples.
     Random-weight values: tiny 40 px, small 48, paper 48 (at 1e-6: 56 / 112 / 112); 0.2-2 s on one CPU thread.
 
     The model's train/eval mode is restored afterwards; parameter gradients are not touched.
@@ -186,10 +186,10 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
 def cpu_channels_last(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` with NHWC (channels_last) parameters while on the CPU, then restore its memory format.
 
-    Why: oneDNN's NHWC convolutions and the elementwise ops between them make posterior sampling 1.3-1.6x faster on
-    the CPU (8, 16, 32 and 64 filters; scratch measurement in benchmarks/README.md, 'Inference'); the arithmetic is the
-    same up to float round-off (~1e-7 relative). CUDA is left as it is (not measured there). A model that is already
-    NHWC (training on the CPU) is left alone."""
+    Why: oneDNN's NHWC convolutions and the elementwise ops between them make posterior sampling 1.29-1.80x faster
+    on the CPU (tiny / small / paper widths and three trained W2S runs; benchmarks/bench_cpu_paths.py); the
+    arithmetic is the same up to float round-off (<= 2e-6 absolute). CUDA is left as it is (not measured there).
+    A model that is already NHWC (training on the CPU) is left alone."""
     # a weight with one input channel is 'contiguous' in both formats: judge by the others
     convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
     convert = any(p.device.type == "cpu" and not p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -257,7 +257,8 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
     chunk = int(chunk) if chunk else auto_chunk(sampler, cy + 2 * halo, cx + 2 * halo)
     bar = tqdm(total=ny * nx * k, desc="samples x tiles", unit="pass", disable=not progress or ny * nx * k < 4,
                leave=False)
-    # NHWC and heap-reused activations on the CPU: together ~3x faster sampling, same numbers (allocator.py)
+    # NHWC and heap-reused activations on the CPU: together 1.3-2.25x faster sampling, same numbers
+    # (benchmarks/bench_cpu_paths.py; allocator.py)
     with cpu_channels_last(vae), heap_allocations(device.type == "cpu"):
         for i in range(ny):
             for j in range(nx):

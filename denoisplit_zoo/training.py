@@ -188,10 +188,10 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
             nm.to(device)
     loss_noise_models = noise_models if tc.loss == "denoisplit" else None
 
-    # NHWC convolutions on the CPU: 1.15x (small) / 1.11x (paper) training steps, but 0.81x at the tiny width, on this
-    # project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic (fixed-noise loss equal).
-    # Not measured on CUDA: left contiguous there.
-    fmt = torch.channels_last if device.type == "cpu" and cfg.model.n_filters >= 32 else torch.contiguous_format
+    # NHWC convolutions on the CPU: with heap_allocations below, 1.18x (tiny) / 1.13x (small) / 1.51x (paper)
+    # training steps on this project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic
+    # (fixed-noise loss equal). Not measured on CUDA: left contiguous there.
+    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
     model = build_model(cfg).to(device, memory_format=fmt)
     opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.lr_factor,
