@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PRESETS = ("tiny", "small", "paper")
 TOLERANCES = (1e-6, 1e-4, 1e-3)
 
