@@ -74,13 +74,18 @@ def run_config(args, st: dict, loss: str):
     return build_run_config(args.preset, {
         "data": {"path": str(Path(args.data).resolve()), "channels": tuple(st["channels"]), "noise": st["noise"],
                  "split": (0.8, 0.1, 0.1)},
-        "train": {"loss": loss, "max_minutes": args.minutes, "device": args.device,
+        "train": {"loss": loss, "max_minutes": args.minutes, "max_steps": args.steps, "device": args.device,
                   **({"early_stop_patience": args.early_stop_patience} if args.early_stop_patience else {}),
                   **({"lr_patience": args.lr_patience} if args.lr_patience else {})}})
 
 
-def naive(args, st: dict) -> dict:
-    """input / 2 per channel vs the clean test fields (on the targets' intensity scale), same split and noise."""
+FLOORS = ("naive", "no_split")
+
+
+def floor(args, st: dict, kind: str) -> dict:
+    """A floor on the clean test fields (on the targets' intensity scale), same split and noise as the trained
+    methods: `naive` = input / 2 for both channels, `no_split` = the clean sum / 2 for both channels (a perfect
+    denoiser that does not split). Channel names are the run's (ch<I>, ch<J>), as evaluate_run reports them."""
     from denoisplit_zoo.calibration import clean_on_target_scale
     from denoisplit_zoo.data import prepare_data
     from denoisplit_zoo.metrics import channel_metrics
@@ -90,8 +95,9 @@ def naive(args, st: dict) -> dict:
     test = prepared.test
     n = len(test.inputs) if args.max_images is None else min(args.max_images, len(test.inputs))
     clean = clean_on_target_scale(test.clean[:n], test.targets[:n], prepared.noise_info.get("kind", "synthetic"))
-    pred = np.repeat(test.inputs[:n, None] / 2, 2, axis=1).astype(np.float32)
-    m = channel_metrics(clean, pred, ["A", "B"])
+    both = test.inputs[:n] if kind == "naive" else clean[:, 0] + clean[:, 1]
+    pred = np.repeat(both[:, None] / 2, 2, axis=1).astype(np.float32)
+    m = channel_metrics(clean, pred, prepared.channel_names)
     return {"ri_psnr": m["ri_psnr"], "ri_psnr_mean": m["ri_psnr_mean"], "ms_ssim": m["ms_ssim"],
             "ms_ssim_mean": m["ms_ssim_mean"], "calibration_slope": None, "n_images": int(n),
             "test_fields": prepared.split.get("test")}
@@ -110,15 +116,16 @@ def trained(args, st: dict, loss: str, run_dir: Path) -> dict:
     C.write_json(str(run_dir / "bench_train_done.json"), {"steps": res.step, "seconds": res.seconds})
     calib = None
     if args.samples >= 2 and not args.no_calibrate:
-        calib = calibrate_run(run_dir, n_samples=args.samples, max_images=args.max_images, progress=False,
-                              device=args.device)
+        calib = calibrate_run(run_dir, n_samples=args.samples, max_images=args.calibration_images or args.max_images,
+                              progress=False, device=args.device)
     ev = evaluate_run(run_dir, run_dir / "eval_test", n_samples=args.samples, max_images=args.max_images,
                       progress=False, device=args.device)
     cal = ev.get("calibration", {})
     slopes = {n: c.get("slope") for n, c in cal.items()}
     ok = [v for v in slopes.values() if v is not None]
     return {"ri_psnr": ev["ri_psnr"], "ri_psnr_mean": ev["ri_psnr_mean"], "ms_ssim": ev["ms_ssim"],
-            "ms_ssim_mean": ev["ms_ssim_mean"], "calibration_slope": slopes,
+            "ms_ssim_mean": ev["ms_ssim_mean"], "floors": ev["floors"], "split_gain": ev["split_gain"],
+            "split_status": ev["split_status"], "correlation": ev["correlation"], "calibration_slope": slopes,
             "calibration_slope_mean": float(np.mean(ok)) if ok else None,
             "calibration_scale": {n: c.get("scale") for n, c in cal.items()}, "calibrated_on": "val" if calib else None,
             "n_images": ev["n_images"], "steps": res.step, "train_seconds": res.seconds, "train_wall": train_wall,
@@ -146,16 +153,21 @@ def main():
     ap.add_argument("--gaussian", nargs="+", type=float, default=[1, 2, 4])
     ap.add_argument("--poisson", type=float, default=1.0, help="Poisson factor added with every Gaussian level")
     ap.add_argument("--real-noise", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--losses", nargs="+", default=["denoisplit", "usplit", "naive"],
-                    choices=["denoisplit", "usplit", "naive"])
+    ap.add_argument("--losses", nargs="+", default=["denoisplit", "usplit", *FLOORS],
+                    choices=["denoisplit", "usplit", *FLOORS])
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
-    ap.add_argument("--minutes", type=float, default=30.0, help="training time budget per trained model")
+    ap.add_argument("--minutes", type=float, help="training time budget per trained model (default: none with "
+                    "--steps, else 30)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per trained model, the same for every method (the "
+                    "fair budget on a shared CPU, where minutes buy unequal work)")
     ap.add_argument("--early-stop-patience", type=int,
                     help="validations without improvement before stopping (default: the preset's; set it above "
                          "the budget's validations so every method trains for the whole budget)")
     ap.add_argument("--lr-patience", type=int, help="ReduceLROnPlateau patience in validations (default: preset's)")
     ap.add_argument("--samples", type=int, default=20, help="posterior samples K for calibration and evaluation")
     ap.add_argument("--max-images", type=int, help="evaluate / calibrate on at most this many fields")
+    ap.add_argument("--calibration-images", type=int, help="calibrate on at most this many validation fields "
+                    "(default: --max-images)")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the validation calibration (scale 1)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int)
@@ -167,6 +179,8 @@ def main():
                     help="smoke run: tiny preset, 10 fields cropped to 256 px, pair 0,2, Gaussian x2 + real noise, "
                          "6 s per training, K = 4, 1 test field")
     args = ap.parse_args()
+    if args.minutes is None and args.steps is None:
+        args.minutes = 30.0
     threads = C.set_threads(args.threads)
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -179,52 +193,69 @@ def main():
     todo = settings(args)
     if args.jobs > 1 and not args.part:
         run_parts(args.jobs)  # every setting's results are then cached: the loop below only assembles the table
+    pairs = [(st, m) for st in todo for m in args.losses]
     if args.part:
+        # trainings dealt round-robin (not whole settings), so the workers finish together; floors are cheap
         i, n = (int(v) for v in args.part.split("/"))
-        todo = todo[i::n]
+        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= n:
+            os.sched_setaffinity(0, {i})  # one core per worker: two 1-thread jobs on one core fight
+        trained_pairs = [p for p in pairs if p[1] not in FLOORS]
+        pairs = trained_pairs[i::n] + [p for p in pairs if p[1] in FLOORS][i::n]
     rows = []
-    for st in todo:
-        for method in args.losses:
-            res_path = out / "results" / f"{st['name']}_{method}.json"
-            if res_path.is_file():
-                r = json.loads(res_path.read_text())
-                print(f"{st['name']:18s} {method:10s} (cached) RI-PSNR {r['ri_psnr_mean']:.2f}", flush=True)
-            else:
-                t0 = time.time()
-                try:
-                    r = naive(args, st) if method == "naive" else trained(args, st, method,
-                                                                           out / "runs" / f"{st['name']}_{method}")
-                except Exception as e:  # noqa: BLE001  (report and go on with the other settings)
-                    print(f"{st['name']:18s} {method:10s} FAILED {type(e).__name__}: {e}", flush=True)
-                    rows.append({"setting": st["name"], "method": method, "error": f"{type(e).__name__}: {e}"})
-                    continue
-                r.update(setting=st["name"], method=method, channels=st["channels"], noise=st["noise"],
-                         kind=st["kind"], preset=args.preset, minutes=args.minutes, samples=args.samples,
-                         seconds_total=time.time() - t0)
-                C.write_json(str(res_path), r)
-                print(f"{st['name']:18s} {method:10s} RI-PSNR {r['ri_psnr_mean']:.2f} ({time.time() - t0:.0f} s)",
-                      flush=True)
-            rows.append(r)
+    for st, method in pairs:
+        res_path = out / "results" / f"{st['name']}_{method}.json"
+        if res_path.is_file():
+            r = json.loads(res_path.read_text())
+            print(f"{st['name']:18s} {method:10s} (cached) RI-PSNR {r['ri_psnr_mean']:.2f}", flush=True)
+        else:
+            t0 = time.time()
+            try:
+                r = floor(args, st, method) if method in FLOORS else trained(
+                    args, st, method, out / "runs" / f"{st['name']}_{method}")
+            except Exception as e:  # noqa: BLE001  (report and go on with the other settings)
+                print(f"{st['name']:18s} {method:10s} FAILED {type(e).__name__}: {e}", flush=True)
+                rows.append({"setting": st["name"], "method": method, "error": f"{type(e).__name__}: {e}"})
+                continue
+            r.update(setting=st["name"], method=method, channels=st["channels"], noise=st["noise"],
+                     kind=st["kind"], preset=args.preset, minutes=args.minutes, budget_steps=args.steps,
+                     samples=args.samples, seconds_total=time.time() - t0)
+            C.write_json(str(res_path), r)
+            print(f"{st['name']:18s} {method:10s} RI-PSNR {r['ri_psnr_mean']:.2f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+        rows.append(r)
 
     ok = [r for r in rows if "error" not in r]
     for r in ok:
         r["ri_psnr_A"], r["ri_psnr_B"] = list(r["ri_psnr"].values())
-        if r["method"] == "denoisplit":
-            u = next((x for x in ok if x["setting"] == r["setting"] and x["method"] == "usplit"), None)
-            r["delta_vs_usplit"] = r["ri_psnr_mean"] - u["ri_psnr_mean"] if u else None
+        same = {x["method"]: x for x in ok if x["setting"] == r["setting"]}
+        if r["method"] == "denoisplit" and "usplit" in same:
+            r["delta_vs_usplit"] = r["ri_psnr_mean"] - same["usplit"]["ri_psnr_mean"]
+        if r["method"] not in FLOORS and "naive" in same:
+            r["gain_vs_naive"] = r["ri_psnr_mean"] - same["naive"]["ri_psnr_mean"]
+        gain = r.get("split_gain") or {}
+        if gain and all(g is not None for g in gain.values()):
+            r["split_gain_A"], r["split_gain_B"] = list(gain.values())
+            r["verdict"] = ", ".join(f"{n} {s}" for n, s in r["split_status"].items())
+        carried = (r.get("correlation") or {}).get("error_vs_input_noise")
+        if carried:
+            r["noise_carried"] = float(np.mean(list(carried.values())))
     table = C.markdown_table(ok, [
         ("setting", "setting", 0), ("method", "method", 0), ("RI-PSNR A", "ri_psnr_A", 2),
-        ("RI-PSNR B", "ri_psnr_B", 2), ("RI-PSNR mean", "ri_psnr_mean", 2), ("Δ vs uSplit", "delta_vs_usplit", 2),
-        ("MS-SSIM mean", "ms_ssim_mean", 4), ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0),
-        ("test fields", "n_images", 0)])
+        ("RI-PSNR B", "ri_psnr_B", 2), ("RI-PSNR mean", "ri_psnr_mean", 2), ("vs naive", "gain_vs_naive", 2),
+        ("Δ vs uSplit", "delta_vs_usplit", 2), ("split gain A", "split_gain_A", 2),
+        ("split gain B", "split_gain_B", 2), ("verdict", "verdict", 0), ("r(error, input noise)", "noise_carried", 2),
+        ("MS-SSIM mean", "ms_ssim_mean", 4),
+        ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0), ("test fields", "n_images", 0)])
     if args.part:
         return
     print()
-    print(f"Quality on W2S test fields, preset {args.preset}, {args.minutes:g} min per training, K = {args.samples}")
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"Quality on W2S test fields, preset {args.preset}, {budget} per training, K = {args.samples}")
     print(table)
     summary = {"benchmark": "quality", "machine": C.machine_info(device), "threads": threads, "preset": args.preset,
-               "minutes": args.minutes, "early_stop_patience": args.early_stop_patience,
-               "lr_patience": args.lr_patience, "samples": args.samples, "max_images": args.max_images, "data": args.data,
+               "minutes": args.minutes, "steps": args.steps, "early_stop_patience": args.early_stop_patience,
+               "lr_patience": args.lr_patience, "samples": args.samples, "max_images": args.max_images,
+               "calibration_images": args.calibration_images, "data": args.data,
                "quick": args.quick, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
                "results": rows}
     C.write_json(str(out / "quality.json"), summary)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import UserError
 from .fileio import atomic_path, read_json, read_yaml
+from .metrics import describe_split
 
 # ops deepImageJ (JDLL) maps to Java classes; anything else ("custom", softmax, ...) fails there
 DEEPIMAGEJ_OPS = {"binarize", "clip", "ensure_dtype", "fixed_zero_mean_unit_variance", "scale_linear", "scale_range",
@@ -201,7 +202,8 @@ def training_summary(run) -> dict:
     cfg = run.config
     log = _log_entries(run)
     vals = [e for e in log if isinstance(e.get("val_loss"), (int, float))]
-    best = min(vals, key=lambda e: e["val_loss"]) if vals else {}
+    kept = [e for e in vals if e.get("best")]  # logs since the KL warm-up mark the kept checkpoint
+    best = kept[-1] if kept else min(vals, key=lambda e: e["val_loss"]) if vals else {}
     split = run.data_split or {}
     return {
         "preset": cfg.preset, "loss": cfg.train.loss, "steps": log[-1].get("step") if log else None,
@@ -209,6 +211,7 @@ def training_summary(run) -> dict:
         "best_val_loss": best.get("val_loss"), "best_val_step": best.get("step"),
         "patch_size": cfg.train.patch_size, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
         "kl_weight": cfg.train.kl_weight, "free_bits": cfg.train.free_bits,
+        "kl_warmup_steps": cfg.train.kl_warmup_steps,
         "data_source": split.get("source", cfg.data.path), "channels": list(cfg.data.channels),
         "split": {k: len(split[k]) for k in ("train", "val", "test") if isinstance(split.get(k), list)},
         "split_mode": split.get("mode"), "noise_protocol": split.get("noise"),
@@ -288,7 +291,7 @@ def make_cover(raw_in: np.ndarray, raw_out: np.ndarray, names: list[str], path: 
 
 # -------------------------------------------------------------------------------------------------- model card
 def _num(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -318,13 +321,35 @@ def _metrics_section(ctx: PackageContext, metrics: Optional[dict]) -> str:
                 "to the packaging recipe). Training-time validation: best validation loss "
                 f"{_num(t['best_val_loss'])} (negative log-likelihood per pixel under the noise model) at step "
                 f"{t['best_val_step']}.")
+    floors, gain = metrics.get("floors"), metrics.get("split_gain") or {}
+    status = metrics.get("split_status") or {}
     rows = []
     for old, new in zip(ctx.run.channel_names, ctx.channel_names):
-        rows.append([new, (metrics.get("ri_psnr") or {}).get(old, "-"), (metrics.get("ms_ssim") or {}).get(old, "-")])
-    rows.append(["mean", metrics.get("ri_psnr_mean", "-"), metrics.get("ms_ssim_mean", "-")])
+        row = [new, (metrics.get("ri_psnr") or {}).get(old, "-"), (metrics.get("ms_ssim") or {}).get(old, "-")]
+        if floors:
+            no_split = floors["no_split"][old] if floors.get("no_split") else "-"
+            row += [floors["naive"].get(old, "-"), no_split, gain.get(old, "-"), status.get(old, "-")]
+        rows.append(row)
+    header = ["structure", "range-invariant PSNR (dB)", "MS-SSIM"]
+    if floors:
+        header += ["naive: input / 2 (dB)", "no split: clean sum / 2 (dB)", "split gain (dB)", "verdict"]
+        rows.append(["mean", metrics.get("ri_psnr_mean", "-"), metrics.get("ms_ssim_mean", "-"),
+                     floors["naive"].get("mean", "-"), floors["no_split"]["mean"] if floors.get("no_split") else "-",
+                     "", ""])
+        renamed = dict(zip(ctx.run.channel_names, ctx.channel_names))
+        verdict = describe_split({renamed[k]: v for k, v in status.items()},
+                                 {renamed[k]: v for k, v in gain.items()})
+        floors_text = ("\n\nBeside the model, two floors that need no model, on the same images: *naive* (the noisy "
+                       "input / 2 for both channels) and *no split* (the clean sum / 2 for both channels: a perfect "
+                       "denoiser that does not split). A structure is split only if it beats both (split gain > "
+                       f"0). {verdict}")
+    else:
+        rows.append(["mean", metrics.get("ri_psnr_mean", "-"), metrics.get("ms_ssim_mean", "-")])
+        floors_text = ("\n\nThis evaluation report has no floors (made before they were reported), so whether the "
+                       "structures were split cannot be judged from it; re-run `denoisplit-zoo evaluate`.")
     return (f"Evaluated on {metrics.get('n_images', '?')} held-out test images with {metrics.get('n_samples', '?')} "
-            "posterior samples per image (MMSE estimate against the clean images):\n\n"
-            + _md_table(["structure", "range-invariant PSNR (dB)", "MS-SSIM"], rows))
+            f"posterior samples per image (MMSE estimate against the {metrics.get('reference', 'clean')} images):\n\n"
+            + _md_table(header, rows) + floors_text)
 
 
 def _calibration_section(ctx: PackageContext, metrics: Optional[dict], figure: Optional[str]) -> str:

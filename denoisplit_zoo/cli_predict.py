@@ -94,6 +94,12 @@ def _cmd_evaluate(a) -> int:
     print(f"RI-PSNR {_f(m['ri_psnr_mean'])} dB, MS-SSIM {_f(m['ms_ssim_mean'], 4)}, MicroSSIM "
           f"{_f(m['micro_ssim_mean'], 4)} (mean of {', '.join(m['ri_psnr'])}; {m['n_images']} images vs "
           f"{m['reference']} references); report: {Path(a.out) / 'report.md'}")
+    fl = m["floors"]
+    for n in m["ri_psnr"]:
+        no_split = f", no split {_f(fl['no_split'][n])} dB" if fl["no_split"] else ""
+        gain = f" -> split gain {_f(m['split_gain'][n])} dB" if m["split_gain"][n] is not None else ""
+        print(f"  {n}: {_f(m['ri_psnr'][n])} dB vs floors naive {_f(fl['naive'][n])} dB{no_split}{gain}: "
+              f"{m['split_status'][n]}")
     return 0
 
 

@@ -24,6 +24,7 @@ from .calibration import (DEFAULT_BINS, DEFAULT_SAMPLES, calibrate_arrays, clean
                           noise_variance, plot_calibration, prepare_run_split)
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, write_json, write_text
+from .metrics import channel_metrics, describe_split, split_quality
 
 CROP = 256  # figure crops (px)
 N_FIGURE_IMAGES = 3
@@ -128,6 +129,30 @@ def _fmt(v, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def floors_table(m: dict) -> str:
+    """Markdown: per channel the model's RI-PSNR, both floors, the split gain and the verdict."""
+    fl, names = m["floors"], list(m["ri_psnr"])
+    rows = ["| channel | model RI-PSNR (dB) | naive: input / 2 (dB) | no split: clean sum / 2 (dB) | split gain (dB) "
+            "| verdict |", "|---|---|---|---|---|---|"]
+    for n in names:
+        ns = fl["no_split"][n] if fl["no_split"] else None
+        rows.append(f"| {n} | {_fmt(m['ri_psnr'][n])} | {_fmt(fl['naive'][n])} | {_fmt(ns)} | "
+                    f"{_fmt(m['split_gain'][n])} | {m['split_status'][n]} |")
+    return "\n".join(rows)
+
+
+def correlation_line(m: dict) -> str:
+    """One sentence: r of the predicted channels with each other (and of the clean ones, where known)."""
+    c = m["correlation"]
+    (pair, r_pred), = c["pred"].items()
+    text = f"Pearson r of the predicted channels ({pair}): {_fmt(r_pred, 3)}"
+    if "clean" in c:
+        text += (f"; of the clean channels: {_fmt(c['clean'][pair], 3)} (a split keeps them apart; a model that only "
+                 "denoises gives near 1); predicted vs clean: "
+                 + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in c["pred_vs_clean"].items()))
+    return text + "."
+
+
 def render_report(m: dict, run_dir: str) -> str:
     names = list(m["ri_psnr"])
     ref = m["reference"]
@@ -151,6 +176,11 @@ def render_report(m: dict, run_dir: str) -> str:
                      f"{_fmt(c['scale'], 3)} | {_fmt(c['slope'], 3)} | {_fmt(c['offset'], 3)} | {_fmt(c['r2'], 3)} |")
     lines.append(f"| mean | {_fmt(m['ri_psnr_mean'])} | {_fmt(m['ms_ssim_mean'], 4)} | {_fmt(m['micro_ssim_mean'], 4)} "
                  "| | | | |")
+    lines += ["", "## Split or not: the model beside the two floors", "", floors_table(m), "",
+              describe_split(m["split_status"], m["split_gain"]), "",
+              "naive: the noisy input / 2 for both channels; no split: the clean sum (A + B) / 2 for both channels, "
+              "a perfect denoiser that does not split. Split gain: RI-PSNR minus the better floor; a channel is split "
+              "only if its gain is > 0.", "", correlation_line(m)]
     lines += ["", "RI-PSNR: range-invariant PSNR per frame (the paper's formula), averaged over frames. MS-SSIM: "
               f"pytorch-msssim, data range of the reference stack, {m['ms_ssim_levels']} of 5 scales. MicroSSIM: "
               "`microssim`, fitted per channel over all frames.",
@@ -170,7 +200,6 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
                  device: str = "auto") -> dict:
     """Evaluate a run folder; write REPORT_DIR (metrics.json, report.md, examples.png, calibration.png).
     Returns the metrics dict (what metrics.json holds)."""
-    from .metrics import channel_metrics
     from .run_folder import load_run
     from .sampling import measure_halo, predict_stack
     from .training import pick_device
@@ -195,6 +224,7 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
         reference, kind = targets, "noisy"
         nv = noise_variance(run.noise_models, mean) if n_samples > 1 else None
     metrics = channel_metrics(reference, mean, names)
+    split = split_quality(reference, mean, ev.inputs[:n], names, metrics["ri_psnr"], clean=kind == "clean")
     if n_samples > 1:
         calib = calibrate_arrays(mean, std_raw, reference, names, nv, bins, scales=scales)
     else:  # one sample has no spread: nothing to calibrate
@@ -203,6 +233,7 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
     result = {
         **{k: metrics[k] for k in ("ri_psnr", "ri_psnr_mean", "ms_ssim", "ms_ssim_mean", "micro_ssim",
                                    "micro_ssim_mean", "ms_ssim_levels")},
+        **split,
         "calibration": {nm: {k: v for k, v in c.items() if k not in ("rmv", "rmse", "count")}
                         for nm, c in calib.items()},
         "n_samples": int(n_samples), "n_images": int(n), "seed": int(seed), "reference": kind,

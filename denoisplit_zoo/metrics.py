@@ -176,3 +176,102 @@ def channel_metrics(gt: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
         out[f"{key}_mean"] = float(np.mean(list(vals.values())))
     out["ms_ssim_levels"] = ms_ssim_levels(*gt.shape[-2:])
     return out
+
+
+# ----------------------------------------------------------------------------------------------------- floors
+# A split model is only worth its numbers beside two things that need no model at all, computed on the same images
+# against the same clean references:
+#   naive     input / 2 for both channels (RI-PSNR is scale invariant, so this is the noisy sum itself);
+#   no_split  the perfect denoiser that does not split: the clean sum (A + B) / 2 for both channels.
+# A channel whose RI-PSNR does not exceed both has not been split (it may still be denoised).
+
+
+def pearson_r(a, b) -> float:
+    """Pearson correlation of two equally shaped arrays (flattened, float64); NaN if either is constant."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(np.sum(a * a)) * float(np.sum(b * b)))
+    return float(np.sum(a * b)) / den if den > 0 else float("nan")
+
+
+def _frame_mean_r(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over frames of the per-frame Pearson r of (N, Y, X) stacks (frames are independent fields)."""
+    vals = [pearson_r(a, b) for a, b in zip(x, y)]
+    return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+
+
+def split_floors(reference: np.ndarray, inputs: np.ndarray, names: list[str], clean: bool) -> dict:
+    """The two floors on (N, 2, Y, X) references and (N, Y, X) inputs (the noisy sum), raw units:
+    {naive: {name: dB, "mean": dB}, no_split: {...} or None}. `no_split` needs clean references (clean=True): the
+    clean sum is the reference's own A + B."""
+    reference, inputs = np.asarray(reference), np.asarray(inputs)
+    if reference.ndim != 4 or reference.shape[1] != 2 or inputs.shape != reference.shape[:1] + reference.shape[2:]:
+        raise ValueError(f"expected (N, 2, Y, X) references and (N, Y, X) inputs, got {reference.shape}, {inputs.shape}")
+
+    def floor(pred: np.ndarray) -> dict:
+        vals = {n: ri_psnr(reference[:, c], pred) for c, n in enumerate(names)}
+        return {**vals, "mean": float(np.mean(list(vals.values())))}
+
+    clean_sum = reference[:, 0].astype(np.float64) + reference[:, 1]
+    return {"naive": floor(inputs / 2.0), "no_split": floor(clean_sum / 2.0) if clean else None}
+
+
+def split_gain(ri: dict, floors: dict) -> dict:
+    """{name: model RI-PSNR - max(floors) (dB)} per channel; None for every channel when the no-split floor is
+    missing (no clean references: whether the model split cannot be judged)."""
+    if floors.get("no_split") is None:
+        return {n: None for n in ri}
+    return {n: float(v - max(floors["naive"][n], floors["no_split"][n])) for n, v in ri.items()}
+
+
+def split_status(gain: dict) -> dict:
+    """{name: "split" | "not split" | "unknown"}: a channel is split only if it beats both floors (gain > 0)."""
+    return {n: "unknown" if g is None or not np.isfinite(g) else "split" if g > 0 else "not split"
+            for n, g in gain.items()}
+
+
+def channel_correlations(pred: np.ndarray, clean: np.ndarray | None, names: list[str]) -> dict:
+    """Pearson r (mean over frames) of the two predicted channels with each other, and, with clean references,
+    of the two clean channels with each other and of each predicted channel with each clean one.
+    A split has r(pred A, pred B) near r(clean A, clean B); a model that only denoises has it near 1."""
+    a, b = names
+    out = {"pred": {f"{a}~{b}": _frame_mean_r(pred[:, 0], pred[:, 1])}}
+    if clean is not None:
+        out["clean"] = {f"{a}~{b}": _frame_mean_r(clean[:, 0], clean[:, 1])}
+        out["pred_vs_clean"] = {f"{p}~{q}": _frame_mean_r(pred[:, i], clean[:, j])
+                                for i, p in enumerate(names) for j, q in enumerate(names)}
+    return out
+
+
+def split_quality(reference: np.ndarray, pred: np.ndarray, inputs: np.ndarray, names: list[str], ri: dict,
+                  clean: bool) -> dict:
+    """Everything a reader needs to judge whether the two channels were split: floors, split_gain, split_status
+    (per channel) and correlations, for (N, 2, Y, X) references / predictions and (N, Y, X) inputs, raw units."""
+    floors = split_floors(reference, inputs, names, clean)
+    gain = split_gain(ri, floors)
+    corr = channel_correlations(pred, reference if clean else None, names)
+    if clean:
+        # How much of the input's noise the prediction carries: r(pred_c - clean_c, input - (clean A + clean B)).
+        # ~0 for a denoiser; a model trained on noisy targets that also sit in its input (input = noisy A + noisy B)
+        # can lower its loss by predicting their noise from the input, and then it is > 0 (uSplit's failure mode).
+        noise = inputs.astype(np.float64) - reference[:, 0] - reference[:, 1]
+        corr["error_vs_input_noise"] = {n: _frame_mean_r(pred[:, c] - reference[:, c].astype(np.float64), noise)
+                                        for c, n in enumerate(names)}
+    return {"floors": floors, "split_gain": gain, "split_status": split_status(gain), "correlation": corr}
+
+
+def describe_split(status: dict, gain: dict) -> str:
+    """One sentence for reports: which channels beat both floors, which were not split."""
+    if all(s == "unknown" for s in status.values()):
+        return ("Whether the channels were split cannot be judged without clean references (the no-split floor "
+                "needs them).")
+    parts = []
+    for n, s in status.items():
+        g = gain[n]
+        parts.append(f"{n}: {s} ({g:+.2f} dB over the better floor)" if g is not None else f"{n}: {s}")
+    verdict = "; ".join(parts)
+    if any(s == "not split" for s in status.values()):
+        verdict += (". A channel that does not beat both floors is not split: it is no better than the noisy sum "
+                    "or the clean sum of both structures")
+    return verdict + "."

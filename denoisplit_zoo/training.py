@@ -75,6 +75,13 @@ def fit_run_noise_models(cfg: RunConfig, prepared: PreparedData, progress: bool 
     return models
 
 
+def kl_beta(tc, step: int) -> float:
+    """KL weight at optimizer step `step` (0-based): kl_weight after the warm-up, linear from ~0 during it."""
+    if step >= tc.kl_warmup_steps:
+        return tc.kl_weight
+    return tc.kl_weight * (step + 1) / (tc.kl_warmup_steps + 1)
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -92,15 +99,18 @@ class _State:
         self.epoch = 0
         self.pos = 0  # position inside the epoch's permutation
         self.best_val = float("inf")
+        self.best_step = -1  # step of checkpoints/best.pt
         self.bad_validations = 0
         self.seconds = 0.0
 
     def to_dict(self) -> dict:
-        return dict(step=self.step, epoch=self.epoch, pos=self.pos, best_val=self.best_val,
+        return dict(step=self.step, epoch=self.epoch, pos=self.pos, best_val=self.best_val, best_step=self.best_step,
                     bad_validations=self.bad_validations, seconds=self.seconds)
 
     def load(self, d: dict) -> None:
         for k in self.to_dict():
+            if k == "best_step" and k not in d:  # checkpoints written before best_step existed
+                continue
             setattr(self, k, type(getattr(self, k))(d[k]))
 
 
@@ -227,7 +237,7 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
             pred, kls = model(x, compute_kl=True)
         return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=latent_shapes,
                           noise_models=loss_noise_models, target_mean=t_mean, target_std=t_std,
-                          kl_weight=tc.kl_weight, free_bits=tc.free_bits)
+                          kl_weight=kl_beta(tc, state.step), free_bits=tc.free_bits)
 
     def validate() -> tuple[float, float]:
         """Validation loss = reconstruction NLL on fixed tiles (reference: no KL; its MC noise would make the
@@ -267,19 +277,25 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
             raise UserError(f"training diverged: the validation loss is {val_rec} at step {state.step} (data range "
                             f"{float(prepared.train.targets.min()):.4g} .. {float(prepared.train.targets.max()):.4g} "
                             f"raw units){kept}")
-        sched.step(val_rec)
+        warming = state.step < tc.kl_warmup_steps  # not yet the paper's objective: no decisions on it
+        if not warming:
+            sched.step(val_rec)
         state.seconds = time.monotonic() - t_start
         n = max(train_acc["n"], 1)
         entry = {"step": state.step, "epoch": state.epoch, "train_loss": train_acc["loss"] / n,
                  "train_reconstruction": train_acc["rec"] / n, "train_kl": train_acc["kl"] / n,
                  "val_loss": val_rec, "val_kl": val_kl, "lr": opt.param_groups[0]["lr"],
-                 "seconds": round(state.seconds, 2)}
+                 "seconds": round(state.seconds, 2), "kl_beta": kl_beta(tc, state.step - 1)}
         train_acc.update(loss=0.0, rec=0.0, kl=0.0, n=0)
-        improved = val_rec < state.best_val - 1e-6
+        # A best found during the warm-up (weaker KL) gives way to the first validation on the full objective, so
+        # a run that outlives its warm-up keeps a model trained on the paper's loss; a shorter one keeps its best.
+        superseded = not warming and state.best_step < tc.kl_warmup_steps
+        improved = superseded or val_rec < state.best_val - 1e-6
         if improved:
-            state.best_val, state.bad_validations = val_rec, 0
-        else:
+            state.best_val, state.best_step, state.bad_validations = val_rec, state.step, 0
+        elif not warming:
             state.bad_validations += 1
+        entry["best"] = improved  # the log's last "best" entry is checkpoints/best.pt
         # Order matters for a kill at any moment: log line, best.pt, then last.pt. A resume starts from last.pt and
         # drops log lines after its step, and replays the same steps (exact resume), so it rewrites both the same.
         _append_log(paths.log, entry)
@@ -287,7 +303,7 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
             checkpoint(paths.best)
         checkpoint(paths.last)
         bar.write(f"step {state.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
-                  f"{'  *best' if improved else ''}")
+                  f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
         return state.bad_validations >= tc.early_stop_patience
 
     steps_per_epoch = max(1, len(dataset) // tc.batch_size)

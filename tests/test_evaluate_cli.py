@@ -41,6 +41,16 @@ def test_evaluate_test_split_writes_report(tiny_run, tmp_path):
     assert m["ri_psnr_mean"] == pytest.approx(np.mean([m["ri_psnr"][n] for n in names]))
     report = (rep / "report.md").read_text()
     assert "RI-PSNR" in report and "examples.png" in report and "calibration.png" in report
+    # the floors beside the model, the gain over the better one, and the verdict in words (design.md additions)
+    fl = m["floors"]
+    assert set(fl) == {"naive", "no_split"} and set(fl["naive"]) == set(fl["no_split"]) == {*names, "mean"}
+    for n in names:
+        assert m["split_gain"][n] == pytest.approx(m["ri_psnr"][n] - max(fl["naive"][n], fl["no_split"][n]))
+        assert m["split_status"][n] == ("split" if m["split_gain"][n] > 0 else "not split")
+        assert m["split_status"][n] in report
+        assert any(ln.strip().startswith(f"{n}:") and ln.endswith(f": {m['split_status'][n]}")
+                   for ln in out.splitlines())
+    assert "no split: clean sum / 2" in report and set(m["correlation"]) >= {"pred", "clean", "pred_vs_clean"}
     for fig in ("examples.png", "calibration.png"):
         assert (rep / fig).stat().st_size > 1000
 
@@ -56,7 +66,10 @@ def test_evaluate_noisy_only_data_says_so(tiny_run, tmp_path):
     assert rc == 0
     m = json.loads((rep / "metrics.json").read_text())
     assert m["reference"] == "noisy" and m["calibration_mode"] == "noisy" and m["n_images"] == 1
-    assert "NOISY targets" in (rep / "report.md").read_text()
+    report = (rep / "report.md").read_text()
+    assert "NOISY targets" in report
+    assert m["floors"]["no_split"] is None and set(m["split_status"].values()) == {"unknown"}
+    assert "cannot be judged without clean references" in report
 
 
 def test_predict_run_folder_writes_tiffs_with_metadata(tiny_run, tmp_path):

@@ -75,3 +75,71 @@ def test_micro_ssim_and_channel_metrics():
     assert m["ms_ssim"]["A"] == pytest.approx(1.0, abs=1e-6) and m["ms_ssim"]["B"] < 1
     assert m["ms_ssim_mean"] == pytest.approx((m["ms_ssim"]["A"] + m["ms_ssim"]["B"]) / 2)
     assert set(m) >= {"ri_psnr", "ri_psnr_mean", "ms_ssim", "ms_ssim_mean", "micro_ssim", "micro_ssim_mean"}
+
+
+# ---- floors: what a split must beat
+
+def _two_structures(n=3, size=96, seed=1):
+    """Two different smooth structures (N, 2, Y, X) and their noisy sum (N, Y, X)."""
+    rng = np.random.default_rng(seed)
+    a = gaussian_filter(rng.normal(size=(n, size, size)), (0, 1.5, 1.5)).clip(0) * 300 + 10
+    b = gaussian_filter(rng.normal(size=(n, size, size)), (0, 5, 5)).clip(0) * 900 + 20
+    clean = np.stack([a, b], axis=1)
+    noisy_sum = clean.sum(1) + rng.normal(scale=60.0, size=(n, size, size))
+    return clean, noisy_sum
+
+
+def test_floors_perfect_split_beats_both_and_no_split_prediction_does_not():
+    from denoisplit_zoo.metrics import split_quality
+
+    clean, inputs = _two_structures()
+    names = ["a", "b"]
+    perfect = clean + np.random.default_rng(2).normal(scale=1.0, size=clean.shape)  # a split, slightly noisy
+    no_split = np.repeat(clean.sum(1, keepdims=True) / 2, 2, axis=1)
+
+    def judge(pred):
+        ri = channel_metrics(clean, pred, names)["ri_psnr"]
+        return ri, split_quality(clean, pred, inputs, names, ri, clean=True)
+
+    ri, q = judge(perfect)
+    fl = q["floors"]
+    assert fl["no_split"]["a"] > fl["naive"]["a"]  # the clean sum beats the noisy one
+    for n in names:
+        assert q["split_gain"][n] == pytest.approx(ri[n] - max(fl["naive"][n], fl["no_split"][n]))
+        assert q["split_gain"][n] > 5 and q["split_status"][n] == "split"
+    assert q["correlation"]["pred"]["a~b"] == pytest.approx(q["correlation"]["clean"]["a~b"], abs=0.02)
+
+    ri, q = judge(no_split)  # the perfect denoiser that does not split sits exactly on its own floor
+    for n in names:
+        assert ri[n] == pytest.approx(q["floors"]["no_split"][n])
+        assert q["split_gain"][n] == pytest.approx(0.0, abs=1e-9) and q["split_status"][n] == "not split"
+    assert q["correlation"]["pred"]["a~b"] == pytest.approx(1.0)
+
+
+def test_floors_naive_is_input_over_two_and_no_clean_means_unknown():
+    from denoisplit_zoo.metrics import describe_split, split_floors, split_quality
+
+    clean, inputs = _two_structures()
+    fl = split_floors(clean, inputs, ["a", "b"], clean=True)
+    assert fl["naive"]["a"] == pytest.approx(ri_psnr(clean[:, 0], inputs / 2))
+    assert fl["naive"]["mean"] == pytest.approx((fl["naive"]["a"] + fl["naive"]["b"]) / 2)
+    q = split_quality(clean, clean, inputs, ["a", "b"], {"a": 30.0, "b": 30.0}, clean=False)
+    assert q["floors"]["no_split"] is None
+    assert q["split_gain"] == {"a": None, "b": None} and set(q["split_status"].values()) == {"unknown"}
+    assert "clean" not in q["correlation"]
+    assert "cannot be judged" in describe_split(q["split_status"], q["split_gain"])
+    assert "not split" in describe_split({"a": "split", "b": "not split"}, {"a": 1.0, "b": -0.5})
+
+
+def test_error_vs_input_noise_tells_a_denoiser_from_a_model_that_passes_the_noise():
+    """r(pred - clean, input - clean sum): ~1 for input / 2 (and for uSplit's pass-through), ~0 for a denoiser."""
+    from denoisplit_zoo.metrics import split_quality
+
+    clean, inputs = _two_structures()
+    names = ["a", "b"]
+    passes = clean + (inputs - clean.sum(1))[:, None] / 2  # splits, but keeps half the input noise in each
+    for pred, lo, hi in ((np.repeat(inputs[:, None] / 2, 2, axis=1), 0.5, 1.0), (passes, 0.99, 1.0),
+                         (clean + np.random.default_rng(3).normal(size=clean.shape), -0.05, 0.05)):
+        ri = channel_metrics(clean, pred, names)["ri_psnr"]
+        r = split_quality(clean, pred, inputs, names, ri, clean=True)["correlation"]["error_vs_input_noise"]
+        assert all(lo <= v <= hi for v in r.values()), r

@@ -72,6 +72,11 @@ def test_quickstart_writes_a_validated_package(quick):
         card = zf.read("README.md").decode()
         rdf = zf.read("rdf.yaml").decode()
     assert "Robert Haase" in card and "CC-BY 4.0" in card  # the model card credits the data
+    # the Validation section judges the split against the floors, in words
+    m = s["metrics"]
+    assert "no split: clean sum / 2 (dB)" in card and "split gain" in card
+    for n in ("actin", "mito"):
+        assert f"{n}: {m['split_status'][n]}" in card
     assert "actin_mean" in rdf and "mito_std" in rdf
 
 
@@ -83,6 +88,13 @@ def test_quickstart_outputs_and_metrics(quick):
     for key in ("ri_psnr", "ms_ssim", "package_ri_psnr", "calibration_slope", "calibration_scale"):
         assert set(s["metrics"][key]) == {"actin", "mito"}
     assert all(np.isfinite(v) for v in s["metrics"]["ri_psnr"].values())
+    fl = s["metrics"]["floors"]
+    for n in ("actin", "mito"):
+        gain = s["metrics"]["ri_psnr"][n] - max(fl["naive"][n], fl["no_split"][n])
+        assert s["metrics"]["split_gain"][n] == pytest.approx(gain) == m["split_gain"][n]
+        # 20 tiny steps cannot split: the summary must say so instead of pretending
+        if s["metrics"]["split_status"][n] == "not split":
+            assert any(w.startswith(f"{n}: not split") for w in s["warnings"])
     assert json.loads((out / "quickstart.json").read_text())["samples"] == K
     assert (out / "quickstart.png").stat().st_size > 10_000
     pred = tifffile.imread(out / "prediction" / "test_region_prediction.tif")
@@ -91,6 +103,7 @@ def test_quickstart_outputs_and_metrics(quick):
     assert np.isfinite(pred).all() and (pred[2:] >= 0).all()
     report = (out / "quickstart.md").read_text()
     assert "RI-PSNR" in report and "quickstart.png" in report and "| training |" in report
+    assert "no split: clean sum / 2 (dB)" in report and "split gain (dB)" in report
     assert set(s["seconds"]) == set(qs.STAGES)
 
 
@@ -102,6 +115,9 @@ def test_quickstart_progress_and_final_lines(quick):
     assert lines[-1] == f"validated package: {quick['out'] / qs.ZIP_NAME}"
     tail = "\n".join(lines[-20:])
     assert "RI-PSNR" in tail and "MS-SSIM" in tail and "calibration slope" in tail and "quickstart.png" in tail
+    status = quick["summary"]["metrics"]["split_status"]
+    floor_lines = [ln for ln in lines[-20:] if "floors: naive" in ln]  # one per structure, actin then mito
+    assert [ln.endswith(f": {status[n].upper()}") for ln, n in zip(floor_lines, qs.CHANNELS)] == [True, True]
 
 
 def test_quickstart_refuses_a_non_empty_folder(tmp_path, capsys):
