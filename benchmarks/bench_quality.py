@@ -1,6 +1,6 @@
-"""Quality on W2S: denoiSplit loss vs uSplit loss vs the naive baseline, per channel pair and noise setting.
+"""Quality on W2S: denoiSplit loss vs uSplit loss vs two floors, per channel pair and noise setting.
 
-Protocol (issue 6, item 1):
+Protocol:
 - data: the W2S training fields (`--data`, 80 fields of 512 x 512, three channels); the run's split is 80/10/10 % of
   the FIELDS (data.split_indices, seed 0): 10 % are held out as the test set and are never used for training,
   early stopping, learning-rate decisions or calibration (those use the validation fields).
@@ -8,20 +8,23 @@ Protocol (issue 6, item 1):
   mean of the two clean channels, data.synthetic_noise) with Poisson (`--poisson`, factor 1) on the clean frames,
   and `--real-noise`: input = the sum of the two REAL noisy frames, training targets = the noisy frames, evaluation
   against the clean frames (mapped onto the noisy frames' intensity scale per image; RI-PSNR is range-invariant).
-- methods: `denoisplit` and `usplit` trained by training.train with the same preset and the same time budget
-  (`--minutes`, max_minutes; early stopping may end a run sooner unless `--early-stop-patience` exceeds the
-  budget's validations; the best validation checkpoint is evaluated either way), then calibrated on the validation
-  fields (calibration.calibrate_run) and evaluated on the test fields (evaluation.evaluate_run, K = `--samples`);
-  `naive` = input / 2 for each channel.
-- metrics: RI-PSNR per channel and mean, MS-SSIM mean, calibration slope (RMSE vs RMV on the test fields with the
-  scale fitted on the validation fields; ideal 1).
+- methods: `denoisplit` and `usplit` trained by training.train with the same preset and the same budget: `--steps`
+  optimizer steps (the fair budget on a shared CPU) or `--minutes`; the best validation checkpoint is evaluated.
+  Then calibrated on the validation fields (calibration.calibrate_run) and evaluated on the test fields
+  (evaluation.evaluate_run, K = `--samples`). Floors, on the same test fields: `naive` = input / 2 for both
+  channels, `no_split` = the clean sum / 2 for both channels (a perfect denoiser that does not split).
+- metrics: RI-PSNR per channel and mean, gain over naive, split gain per channel (RI-PSNR - max(floors); > 0 =
+  split), verdict, r(error, input noise) (how much of the input noise the prediction carries), MS-SSIM mean,
+  calibration slope (RMSE vs RMV on the test fields with the validation-fitted scale; ideal 1).
 
 Resumable: every (setting, method) writes OUT/results/<setting>_<method>.json and is skipped when it exists; a run
 folder without results (interrupted) is trained again from scratch so every method gets exactly the same budget.
+`--jobs N` deals the trainings round-robin to N worker processes, one core each.
 
     python benchmarks/bench_quality.py --quick --threads 1 --out /tmp/bq
-    python benchmarks/bench_quality.py --data ../shared/data/w2s_train_fov001-080.npz --preset small --minutes 30 \\
-        --out benchmarks/results/quality_small
+    python benchmarks/bench_quality.py --data ../shared/data/w2s_train_fov001-080.npz --preset small --steps 1000 \
+        --pairs 0,2 --gaussian 2 4 --early-stop-patience 100000 --samples 20 --calibration-images 4 --threads 1 \
+        --jobs 2 --device cpu --out benchmarks/results/quality_small_cpu
 """
 
 from __future__ import annotations
@@ -68,15 +71,22 @@ def settings(args) -> list[dict]:
     return out
 
 
-def run_config(args, st: dict, loss: str):
+# trained methods: the objective's config keys. "altered" = the paper's Altered uSplit ablation: uSplit's Gaussian
+# likelihood with denoiSplit's KL (per image pixel, free bits 1), isolating what the noise-model likelihood adds.
+METHODS = {"denoisplit": {"loss": "denoisplit"}, "usplit": {"loss": "usplit"},
+           "altered": {"loss": "usplit", "kl_formulation": "denoisplit", "free_bits": 1.0}}
+
+
+def run_config(args, st: dict, method: str):
     from denoisplit_zoo.config import build_run_config
 
     return build_run_config(args.preset, {
         "data": {"path": str(Path(args.data).resolve()), "channels": tuple(st["channels"]), "noise": st["noise"],
                  "split": (0.8, 0.1, 0.1)},
-        "train": {"loss": loss, "max_minutes": args.minutes, "max_steps": args.steps, "device": args.device,
+        "train": {**METHODS[method], "max_minutes": args.minutes, "max_steps": args.steps, "device": args.device,
                   **({"early_stop_patience": args.early_stop_patience} if args.early_stop_patience else {}),
-                  **({"lr_patience": args.lr_patience} if args.lr_patience else {})}})
+                  **({"lr_patience": args.lr_patience} if args.lr_patience else {}),
+                  **({"amp": args.amp} if args.amp is not None else {})}})
 
 
 FLOORS = ("naive", "no_split")
@@ -103,7 +113,7 @@ def floor(args, st: dict, kind: str) -> dict:
             "test_fields": prepared.split.get("test")}
 
 
-def trained(args, st: dict, loss: str, run_dir: Path) -> dict:
+def trained(args, st: dict, method: str, run_dir: Path) -> dict:
     from denoisplit_zoo.calibration import calibrate_run
     from denoisplit_zoo.evaluation import evaluate_run
     from denoisplit_zoo.training import train
@@ -111,7 +121,7 @@ def trained(args, st: dict, loss: str, run_dir: Path) -> dict:
     if run_dir.exists():  # interrupted earlier: same budget for everyone, so start again
         shutil.rmtree(run_dir)
     t0 = time.time()
-    res = train(run_config(args, st, loss), run_dir, progress=False)
+    res = train(run_config(args, st, method), run_dir, progress=False)
     train_wall = time.time() - t0
     C.write_json(str(run_dir / "bench_train_done.json"), {"steps": res.step, "seconds": res.seconds})
     calib = None
@@ -153,8 +163,9 @@ def main():
     ap.add_argument("--gaussian", nargs="+", type=float, default=[1, 2, 4])
     ap.add_argument("--poisson", type=float, default=1.0, help="Poisson factor added with every Gaussian level")
     ap.add_argument("--real-noise", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--losses", nargs="+", default=["denoisplit", "usplit", *FLOORS],
-                    choices=["denoisplit", "usplit", *FLOORS])
+    ap.add_argument("--losses", nargs="+", default=["denoisplit", "usplit", *FLOORS], choices=[*METHODS, *FLOORS],
+                    help="trained methods and floors (altered: uSplit likelihood + denoiSplit KL, the paper's "
+                         "ablation)")
     ap.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
     ap.add_argument("--minutes", type=float, help="training time budget per trained model (default: none with "
                     "--steps, else 30)")
@@ -170,6 +181,8 @@ def main():
                     "(default: --max-images)")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the validation calibration (scale 1)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16/fp16 autocast on CUDA (default: the config's, on)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--jobs", type=int, default=1,
@@ -228,8 +241,9 @@ def main():
     for r in ok:
         r["ri_psnr_A"], r["ri_psnr_B"] = list(r["ri_psnr"].values())
         same = {x["method"]: x for x in ok if x["setting"] == r["setting"]}
-        if r["method"] == "denoisplit" and "usplit" in same:
-            r["delta_vs_usplit"] = r["ri_psnr_mean"] - same["usplit"]["ri_psnr_mean"]
+        for base in ("usplit", "altered"):
+            if r["method"] == "denoisplit" and base in same:
+                r[f"delta_vs_{base}"] = r["ri_psnr_mean"] - same[base]["ri_psnr_mean"]
         if r["method"] not in FLOORS and "naive" in same:
             r["gain_vs_naive"] = r["ri_psnr_mean"] - same["naive"]["ri_psnr_mean"]
         gain = r.get("split_gain") or {}
@@ -242,7 +256,9 @@ def main():
     table = C.markdown_table(ok, [
         ("setting", "setting", 0), ("method", "method", 0), ("RI-PSNR A", "ri_psnr_A", 2),
         ("RI-PSNR B", "ri_psnr_B", 2), ("RI-PSNR mean", "ri_psnr_mean", 2), ("vs naive", "gain_vs_naive", 2),
-        ("Δ vs uSplit", "delta_vs_usplit", 2), ("split gain A", "split_gain_A", 2),
+        ("Δ vs uSplit", "delta_vs_usplit", 2), *([("Δ vs altered", "delta_vs_altered", 2)]
+                                                 if any("delta_vs_altered" in r for r in ok) else []),
+        ("split gain A", "split_gain_A", 2),
         ("split gain B", "split_gain_B", 2), ("verdict", "verdict", 0), ("r(error, input noise)", "noise_carried", 2),
         ("MS-SSIM mean", "ms_ssim_mean", 4),
         ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0), ("test fields", "n_images", 0)])

@@ -211,7 +211,7 @@ def training_summary(run) -> dict:
         "best_val_loss": best.get("val_loss"), "best_val_step": best.get("step"),
         "patch_size": cfg.train.patch_size, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
         "kl_weight": cfg.train.kl_weight, "free_bits": cfg.train.free_bits,
-        "kl_warmup_steps": cfg.train.kl_warmup_steps,
+        "kl_warmup_steps": cfg.train.kl_warmup_steps, "kl_formulation": cfg.train.kl_formulation or cfg.train.loss,
         "data_source": split.get("source", cfg.data.path), "channels": list(cfg.data.channels),
         "split": {k: len(split[k]) for k in ("train", "val", "test") if isinstance(split.get(k), list)},
         "split_mode": split.get("mode"), "noise_protocol": split.get("noise"),

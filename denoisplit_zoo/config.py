@@ -92,6 +92,10 @@ class TrainConfig(_Strict):
     # paper's loss. docs/quality.md.
     kl_warmup_steps: int = Field(0, ge=0, description="steps over which the KL weight rises linearly from 0")
     free_bits: float = Field(1.0, ge=0, description="nats per sample per level (denoiSplit); uSplit uses 0")
+    # The KL weighting by itself: None = the loss's own. loss "usplit" + kl_formulation "denoisplit" is the paper's
+    # "Altered uSplit" ablation (Gaussian likelihood, KL per image pixel): a Gaussian-likelihood baseline that
+    # does not pass the input noise through, so the noise-model likelihood's own contribution can be measured.
+    kl_formulation: Optional[LossKind] = None
     val_every: int = Field(200, ge=1, description="optimizer steps between validations/checkpoints")
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)

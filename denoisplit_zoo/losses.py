@@ -72,9 +72,10 @@ class LossTerms:
 def loss_terms(kind: str, pred: torch.Tensor, kls: Sequence[torch.Tensor], target_raw: torch.Tensor, *,
                latent_shapes: Sequence[Sequence[int]], noise_models: Sequence[GMMNoiseModel] | None,
                target_mean: torch.Tensor, target_std: torch.Tensor, kl_weight: float = 1.0,
-               free_bits: float = 1.0) -> LossTerms:
+               free_bits: float = 1.0, kl_formulation: str | None = None) -> LossTerms:
     """The full objective for one batch. pred: the network head output (B, 2 or 4, H, W); kls: per-level (B,)
-    KL sums; latent_shapes: (C_l, H_l, W_l) per level for this patch size."""
+    KL sums; latent_shapes: (C_l, H_l, W_l) per level for this patch size. kl_formulation: the KL weighting
+    ("denoisplit" / "usplit"), by default the loss's own."""
     if kind == "denoisplit":
         if noise_models is None:
             raise ValueError("the denoisplit loss needs the two noise models")
@@ -84,5 +85,5 @@ def loss_terms(kind: str, pred: torch.Tensor, kls: Sequence[torch.Tensor], targe
     else:
         raise ValueError(f"unknown loss {kind!r}")
     image_pixels = pred.shape[-2] * pred.shape[-1]
-    kl = kl_term(kls, kl_level_weights(kind, latent_shapes, image_pixels), free_bits)
+    kl = kl_term(kls, kl_level_weights(kl_formulation or kind, latent_shapes, image_pixels), free_bits)
     return LossTerms(rec + kl_weight * kl, rec.detach(), kl.detach())

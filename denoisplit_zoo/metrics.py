@@ -207,7 +207,8 @@ def split_floors(reference: np.ndarray, inputs: np.ndarray, names: list[str], cl
     clean sum is the reference's own A + B."""
     reference, inputs = np.asarray(reference), np.asarray(inputs)
     if reference.ndim != 4 or reference.shape[1] != 2 or inputs.shape != reference.shape[:1] + reference.shape[2:]:
-        raise ValueError(f"expected (N, 2, Y, X) references and (N, Y, X) inputs, got {reference.shape}, {inputs.shape}")
+        raise ValueError(f"expected (N, 2, Y, X) references and (N, Y, X) inputs, got {reference.shape}, "
+                         f"{inputs.shape}")
 
     def floor(pred: np.ndarray) -> dict:
         vals = {n: ri_psnr(reference[:, c], pred) for c, n in enumerate(names)}

@@ -237,7 +237,8 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
             pred, kls = model(x, compute_kl=True)
         return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=latent_shapes,
                           noise_models=loss_noise_models, target_mean=t_mean, target_std=t_std,
-                          kl_weight=kl_beta(tc, state.step), free_bits=tc.free_bits)
+                          kl_weight=kl_beta(tc, state.step), free_bits=tc.free_bits,
+                          kl_formulation=tc.kl_formulation)
 
     def validate() -> tuple[float, float]:
         """Validation loss = reconstruction NLL on fixed tiles (reference: no KL; its MC noise would make the
@@ -289,7 +290,7 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
         train_acc.update(loss=0.0, rec=0.0, kl=0.0, n=0)
         # A best found during the warm-up (weaker KL) gives way to the first validation on the full objective, so
         # a run that outlives its warm-up keeps a model trained on the paper's loss; a shorter one keeps its best.
-        superseded = not warming and state.best_step < tc.kl_warmup_steps
+        superseded = not warming and 0 <= state.best_step < tc.kl_warmup_steps
         improved = superseded or val_rec < state.best_val - 1e-6
         if improved:
             state.best_val, state.best_step, state.bad_validations = val_rec, state.step, 0

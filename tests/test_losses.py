@@ -79,3 +79,19 @@ def test_usplit_objective_under_bf16_autocast_matches_fp32():
     (l32, g32), (l16, g16) = loss_and_grad(False), loss_and_grad(True)
     assert l16 == pytest.approx(l32, rel=2e-2)
     assert float(torch.nn.functional.cosine_similarity(g32, g16, dim=0)) > 0.95
+
+
+def test_kl_formulation_overrides_the_losss_own_weighting():
+    """loss usplit + kl_formulation denoisplit (the paper's Altered uSplit): Gaussian likelihood, KL per pixel."""
+    from denoisplit_zoo.losses import loss_terms
+
+    kls = [torch.tensor([3000.0, 5000.0]), torch.tensor([800.0, 1200.0])]
+    shapes = [(8, 16, 16), (8, 8, 8)]
+    pred, y = torch.zeros(2, 4, 32, 32), torch.full((2, 2, 32, 32), 10.0)
+    stats = dict(latent_shapes=shapes, noise_models=None, target_mean=torch.tensor([10.0, 10.0]),
+                 target_std=torch.tensor([1.0, 1.0]), free_bits=0.0)
+    own = loss_terms("usplit", pred, kls, y, **stats)
+    altered = loss_terms("usplit", pred, kls, y, kl_formulation="denoisplit", **stats)
+    assert float(altered.reconstruction) == float(own.reconstruction)
+    assert float(altered.kl) == pytest.approx((4000.0 + 1000.0) / 1024)
+    assert float(own.kl) == pytest.approx((4000.0 / 2048 + 1000.0 / 512) / 2)
