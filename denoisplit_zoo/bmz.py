@@ -367,6 +367,18 @@ def _calibration_section(ctx: PackageContext, metrics: Optional[dict], figure: O
         parts.append("The std channels are the posterior spread multiplied by a per-channel scale fitted on held-out "
                      f"data ({how.get('split', 'validation')} images, {how.get('mode', '?')} reference, "
                      f"K={how.get('n_samples', '?')}).")
+        fitted = (_calibration(ctx) or {}).get("channels") or {}
+        if any("reliable" in (c or {}) for c in fitted.values()):
+            rows = [[name, c.get("scale"), " .. ".join(_num(v) for v in c.get("interval") or []),
+                     c.get("method"), "yes" if c.get("reliable") else "**no**"] for name, c in fitted.items()]
+            parts.append("\n" + _md_table(["structure", "shipped scale", "95 % interval of the estimate", "method",
+                                           "reliable"], rows))
+            for name, c in fitted.items():
+                if not c.get("reliable"):
+                    parts.append(f"\n**{name}: calibration unreliable.** The data could not pin its scale down "
+                                 f"(estimate {_num(c.get('optimal_scale'))}; noise-to-error ratio "
+                                 f"{_num(c.get('noise_to_error'))}), so its std channel ships as {c.get('method')}: "
+                                 "a relative uncertainty map, not a calibrated error bar.")
     if cal:
         keys = [k for k in ("scale", "slope", "offset", "r2") if any(k in (v or {}) for v in cal.values())]
         rows = [[name] + [(cal.get(name) or {}).get(k, "-") for k in keys] for name in cal]

@@ -45,6 +45,19 @@ from .fileio import atomic_path, write_json
 DEFAULT_BINS = 30
 DEFAULT_SAMPLES = 50  # the paper's evaluation (mmse_count 50)
 _MIN_SCALE2 = 1e-12
+MIN_SCALE = _MIN_SCALE2**0.5  # the clip floor of a fitted scale: a channel there has no usable uncertainty
+
+# Reliability of a fitted scale (docs/calibration.md). The 95 % interval comes from a bootstrap over BLOCK x BLOCK
+# pixel blocks of every image (blocks, not pixels: errors are spatially correlated, so pixels are not independent).
+# A noisy-reference scale is `reliable` only if that interval excludes 0, is narrower than MAX_REL_WIDTH x s, and
+# a 2 % error in the noise models' variance moves s by less than MAX_SENSITIVITY x s (the GMM fits are only good
+# to a few %). Otherwise the calibration falls back to FALLBACK_SCALE: the posterior's own sample std.
+BLOCK = 64
+BOOTSTRAP_REPS = 400
+MAX_REL_WIDTH = 0.5
+MAX_SENSITIVITY = 0.25
+NOISE_ERROR_PCT = 2.0
+FALLBACK_SCALE = 1.0
 
 
 # --------------------------------------------------------------------------------------------------- pure numerics
@@ -62,6 +75,51 @@ def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray]
         return float("nan")
     excess = err2[ok] if noise_var is None else err2[ok] - np.asarray(noise_var, np.float64).ravel()[ok]
     return float(np.sqrt(max(np.mean(excess / var[ok]), _MIN_SCALE2)))
+
+
+def _block_sums(x: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of x[ok] and counts of ok over BLOCK x BLOCK blocks of (N, Y, X) arrays -> two flat (n_blocks,) arrays."""
+    n, h, w = x.shape
+    by, bx = -(-h // BLOCK), -(-w // BLOCK)
+    pad = ((0, 0), (0, by * BLOCK - h), (0, bx * BLOCK - w))
+    xs = np.pad(np.where(ok, x, 0.0), pad).reshape(n, by, BLOCK, bx, BLOCK).sum((2, 4))
+    cs = np.pad(ok.astype(np.float64), pad).reshape(n, by, BLOCK, bx, BLOCK).sum((2, 4))
+    keep = cs.ravel() > 0
+    return xs.ravel()[keep], cs.ravel()[keep]
+
+
+def scale_check(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray] = None, seed: int = 0) -> dict:
+    """How well the data determine s, for (N, Y, X) arrays as in `fit_scale` (raw^2; noise_var None = clean
+    reference): the estimate (unclipped s^2 and s), its 95 % block-bootstrap interval for s, and, with noise_var,
+    the noise-to-error ratio mean(v) / mean(err2 - v) (noise subtracted per unit of prediction error; the larger,
+    the more s is a small difference of two large numbers) and the relative change of s for a +-2 % error in v.
+    `reliable` applies the thresholds above. Unit-free except where stated."""
+    err2, var = np.asarray(err2, np.float64), np.asarray(var, np.float64)
+    ok = var > 0
+    q = (err2 if noise_var is None else err2 - np.asarray(noise_var, np.float64)) / np.where(ok, var, 1.0)
+    sums, counts = _block_sums(q, ok)
+    if counts.sum() == 0:
+        return {"scale2": float("nan"), "interval": [float("nan"), float("nan")], "reliable": False,
+                "noise_to_error": None, "sensitivity_2pct": None, "n_blocks": 0}
+    s2 = float(sums.sum() / counts.sum())
+    idx = np.random.default_rng(seed).integers(0, sums.size, size=(BOOTSTRAP_REPS, sums.size))
+    boot = sums[idx].sum(1) / counts[idx].sum(1)
+    lo2, hi2 = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    scale = float(np.sqrt(max(s2, _MIN_SCALE2)))
+    interval = [float(np.sqrt(max(lo2, 0.0))), float(np.sqrt(max(hi2, 0.0)))]
+    out = {"scale2": s2, "interval": interval, "n_blocks": int(sums.size), "noise_to_error": None,
+           "sensitivity_2pct": None}
+    reliable = lo2 > 0 and (interval[1] - interval[0]) <= MAX_REL_WIDTH * scale
+    if noise_var is not None:
+        nv = np.asarray(noise_var, np.float64)
+        excess = float(np.mean((err2 - nv)[ok]))
+        out["noise_to_error"] = float(np.mean(nv[ok]) / excess) if excess > 0 else float("inf")
+        f = NOISE_ERROR_PCT / 100
+        shifted = [np.sqrt(max(float(np.mean(((err2 - k * nv) / var)[ok])), 0.0)) for k in (1 - f, 1 + f)]
+        out["sensitivity_2pct"] = float(max(abs(v - scale) for v in shifted) / scale)
+        reliable = reliable and s2 > 0 and out["sensitivity_2pct"] <= MAX_SENSITIVITY
+    out["reliable"] = bool(reliable)
+    return out
 
 
 def reliability(std: np.ndarray, err2: np.ndarray, noise_var: Optional[np.ndarray] = None,
@@ -105,17 +163,28 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
     fitted (evaluation of an existing calibration; the fitted value is still reported as `optimal_scale`).
 
     Returns {name: {scale, optimal_scale, slope, offset, r2, n_pixels, rmv, rmse, count}} (reliability of
-    scale * std)."""
+    scale * std). A fit (scales None) adds `method`, `reliable`, `interval`, `noise_to_error`, `sensitivity_2pct`
+    (`scale_check`) and, for a noisy reference whose scale is not reliable, uses FALLBACK_SCALE instead of the
+    estimate (kept as `optimal_scale`): never a silently collapsed channel."""
     out = {}
     for c, name in enumerate(names):
         err2 = (np.asarray(mean[:, c], np.float64) - target[:, c]) ** 2
         var = np.asarray(std[:, c], np.float64) ** 2
         nv = None if noise_var is None else noise_var[:, c]
         best = fit_scale(err2, var, nv)
-        scale = best if scales is None else float(scales[c])
+        extra: dict = {}
+        if scales is not None:
+            scale = float(scales[c])
+        else:
+            check = scale_check(err2, var, nv)
+            scale, method = best, "clean references" if nv is None else "noisy targets + noise models"
+            if nv is not None and not check["reliable"]:
+                scale, method = FALLBACK_SCALE, "fallback: posterior std (s = 1)"
+            extra = {"method": method, "reliable": check["reliable"], "interval": check["interval"],
+                     "noise_to_error": check["noise_to_error"], "sensitivity_2pct": check["sensitivity_2pct"]}
         rel = reliability(scale * np.sqrt(var), err2, nv, bins)
-        out[name] = {"scale": scale, "optimal_scale": best, "slope": rel.pop("slope"), "offset": rel.pop("offset"),
-                     "r2": rel.pop("r2"), "n_pixels": int(err2.size), **rel}
+        out[name] = {"scale": scale, "optimal_scale": best, **extra, "slope": rel.pop("slope"),
+                     "offset": rel.pop("offset"), "r2": rel.pop("r2"), "n_pixels": int(err2.size), **rel}
     return out
 
 

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, help="posterior samples K per prediction (default: recipe, else 16)")
     p.add_argument("--seed", type=int, help="seed of the in-model counter-based noise (default: recipe, else 42)")
     p.add_argument("--report", help="REPORT_DIR of `denoisplit-zoo evaluate` for the model card's Validation section")
+    p.add_argument("--allow-collapsed-calibration", action="store_true",
+                   help="package a channel whose calibration scale is at its clip floor (its std would be ~0)")
     p.add_argument("--noise-off", action="store_true",
                    help="deterministic export (posterior means, no sampling; std channels are 0): for halo checks")
     p.set_defaults(func=_cmd_export)
@@ -32,7 +34,7 @@ def _cmd_export(a) -> int:
     from .export import export_package
 
     res = export_package(a.run, a.out, recipe=a.recipe, n_samples=a.samples, seed=a.seed, noise=not a.noise_off,
-                         report_dir=a.report)
+                         report_dir=a.report, allow_collapsed=a.allow_collapsed_calibration)
     print(res.test_summary)
     print(f"exported {res.path} ({res.size_bytes / 1e6:.2f} MB, {res.seconds:.0f} s): K={res.n_samples}, "
           f"seed={res.seed}, noise={'counter-hash' if res.noise else 'off'}, halo={res.halo} px, "

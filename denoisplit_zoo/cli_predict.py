@@ -72,8 +72,16 @@ def _cmd_calibrate(a) -> int:
                         seed=42 if a.seed is None else a.seed, bins=a.bins, data=a.data, tile=a.tile,
                         max_images=a.max_images, chunk=a.chunk, progress=not a.no_progress, device=a.device)
     for name, c in res["channels"].items():
-        print(f"{name}: scale {c['scale']:.4g}  (RMSE vs RMV: slope {_f(c['slope'])}, offset {_f(c['offset'])}, "
-              f"R² {_f(c['r2'])}; {c['n_pixels']} pixels)")
+        lo, hi = c["interval"]
+        print(f"{name}: scale {c['scale']:.4g}, 95 % interval of the estimate {_f(lo, 3)} .. {_f(hi, 3)} "
+              f"({c['method']}; RMSE vs RMV: slope {_f(c['slope'])}, offset {_f(c['offset'])}, R² {_f(c['r2'])}; "
+              f"{c['n_pixels']} pixels)")
+    for name, c in res["channels"].items():
+        if not c["reliable"]:
+            print(f"warning: {name}: calibration unreliable (estimate {c['optimal_scale']:.3g}, interval "
+                  f"{_f(c['interval'][0], 3)} .. {_f(c['interval'][1], 3)}, noise / error {_f(c['noise_to_error'])}, "
+                  f"a 2 % noise-model error moves it by {_f(100 * (c['sensitivity_2pct'] or 0), 0)} %): "
+                  f"shipping scale {c['scale']:.3g} ({c['method']})")
     for name, c in res.get("clean_check", {}).items():
         print(f"{name}: the clean references would give scale {c['scale']:.4g} (noisy / clean = "
               f"{c['noisy_over_clean']:.3f}; slope {_f(c['slope'])}); not used")

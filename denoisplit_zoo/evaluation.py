@@ -166,7 +166,9 @@ def render_report(m: dict, run_dir: str) -> str:
                                               " (no clean images in this data: metrics are against the NOISY targets, "
                                               "so they understate the quality; calibration uses the noise models to "
                                               "remove the observation noise)"),
-        f"- calibration applied: {'yes (calibration.json)' if m['calibrated'] else 'no (run not calibrated: scale 1)'}",
+        f"- calibration applied: {'yes (calibration.json)' if m['calibrated'] else 'no (run not calibrated: scale 1)'}"
+        + "".join(f"; **{n}: calibration unreliable**, its std is the posterior's own spread (s = 1), not a calibrated "
+                  "error bar" for n, ok in (m.get("calibration_reliable") or {}).items() if ok is False),
         "", "| channel | RI-PSNR (dB) | MS-SSIM | MicroSSIM | std scale | calib. slope | calib. offset | calib. R² |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -238,6 +240,8 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
                         for nm, c in calib.items()},
         "n_samples": int(n_samples), "n_images": int(n), "seed": int(seed), "reference": kind,
         "calibration_mode": "clean" if kind == "clean" else "noisy", "calibrated": run.calibration is not None,
+        "calibration_reliable": {nm: ((run.calibration or {}).get("channels", {}).get(nm) or {}).get("reliable")
+                                 for nm in names},
         "image_size": [int(s) for s in ev.inputs.shape[-2:]], "data": ev.source, "split": ev.split,
         "halo": int(halo), "tile": int(tile), "run": str(run_dir), "channel_names": names,
     }

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .calibration import MIN_SCALE, resolve_data_path
 from .errors import UserError
 from .model import LadderVAE, SplitSampler
 
@@ -170,7 +171,6 @@ def _fit(img: np.ndarray, size: int) -> np.ndarray:
 def make_test_input(run, size: int) -> tuple[np.ndarray, str]:
     """(1, 1, size, size) float32 raw input and where it came from: a crop of the run's first test image when the
     training data is still readable (nicer cover, realistic test), else a deterministic synthetic image."""
-    from .calibration import resolve_data_path
     from .data import prepare_data
 
     try:  # a relative data path was relative to where `train` ran: resolve_data_path also tries the run folder
@@ -226,10 +226,11 @@ class ExportResult:
 
 def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Optional[int] = None,
                    seed: Optional[int] = None, noise: bool = True, self_test: bool = True,
-                   report_dir: Optional[str] = None) -> ExportResult:
+                   report_dir: Optional[str] = None, allow_collapsed: bool = False) -> ExportResult:
     """Run folder -> bioimage.io model zip at `out`, written atomically and only after bioimageio.core's test
     passes for all three weight formats (offline). `n_samples`/`seed` override the recipe (defaults 16 / 42).
-    noise=False exports posterior means (deterministic; for halo checks). Returns what was written."""
+    noise=False exports posterior means (deterministic; for halo checks). A channel whose calibration scale sits at
+    the clip floor (its std channel would be ~0) is refused unless allow_collapsed. Returns what was written."""
     from . import bmz
     from .run_folder import load_run
 
@@ -243,6 +244,12 @@ def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Option
             raise UserError("name a run folder (or a recipe with `run:`)")
         run_dir = rec.run
     run = load_run(run_dir)
+    collapsed = [n for n, v in zip(run.channel_names, run.calibration_scale) if v <= MIN_SCALE * (1 + 1e-6)]
+    if collapsed and not allow_collapsed:
+        raise UserError(f"{run_dir}: the calibration scale of {', '.join(collapsed)} is at its clip floor "
+                        f"({MIN_SCALE:g}), so its uncertainty channel would be ~0; re-run `denoisplit-zoo calibrate` "
+                        "(it now falls back to the posterior std when the estimate is unreliable) or pass "
+                        "--allow-collapsed-calibration")
     rec = rec or bmz.Recipe()
     k = n_samples if n_samples is not None else (rec.n_samples or DEFAULT_SAMPLES)
     s = seed if seed is not None else (rec.seed if rec.seed is not None else DEFAULT_SEED)

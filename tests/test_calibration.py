@@ -67,7 +67,14 @@ def test_recovers_scale_from_noisy_targets_with_the_noise_model():
     noisy = clean + rng.normal(size=clean.shape) * np.sqrt(noise_variance(nms, clean))
     res = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=noise_variance(nms, mean))
     for c, name in enumerate("AB"):
-        assert res[name]["scale"] == pytest.approx(TRUE[c], rel=0.06)
+        assert res[name]["optimal_scale"] == pytest.approx(TRUE[c], rel=0.06)
+    # A is well determined; on B the noise is ~10x the error, so a 2 % error in the noise model (real GMM fits are
+    # no better) would move s by ~30 %: flagged, and the posterior's own std is shipped instead
+    assert res["A"]["reliable"] and res["A"]["scale"] == res["A"]["optimal_scale"]
+    assert res["A"]["interval"][0] < TRUE[0] < res["A"]["interval"][1]
+    assert not res["B"]["reliable"] and res["B"]["scale"] == 1.0 and res["B"]["method"].startswith("fallback")
+    assert res["B"]["noise_to_error"] > 5 > res["A"]["noise_to_error"]
+    assert res["B"]["sensitivity_2pct"] > 0.25 > res["A"]["sensitivity_2pct"]
     # ignoring the observation noise would overestimate the scale badly
     naive = fit_scale((mean[:, 1] - noisy[:, 1]) ** 2, sigma[:, 1] ** 2)
     assert naive > 2 * TRUE[1]
@@ -147,3 +154,30 @@ def test_calibrate_refuses_one_sample_and_missing_data(tiny_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "nope.npz" in err and len(err.strip().splitlines()) == 1
     assert not (tiny_run / "calibration.json").exists()
+
+
+@pytest.mark.parametrize("noise_std,reliable", [(1.0, True), (60.0, False)])
+def test_noisy_scale_is_recovered_at_low_noise_and_flagged_not_collapsed_at_high(noise_std, reliable):
+    """Known scale 2 (error std = 2 x sample std ~ 6 raw units). Observation noise of std 1: recovered within 5 %
+    with an interval around it. Noise of std 60 (100x the error variance): a single GMM error of 2 % moves s^2 by
+    2 x its own size, the interval reaches 0: flagged `unreliable`, and the shipped scale is the fallback s = 1,
+    not the clip floor."""
+    from denoisplit_zoo.calibration import FALLBACK_SCALE, MIN_SCALE
+
+    rng = np.random.default_rng(5)
+    shape = (8, 2, 128, 128)
+    clean = rng.uniform(50, 200, size=shape)
+    sigma = np.exp(rng.normal(0, 0.3, size=shape)) * 3
+    mean = clean + rng.normal(size=shape) * 2.0 * sigma
+    nv = np.full(shape, noise_std**2)
+    noisy = clean + rng.normal(size=shape) * noise_std
+    res = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=nv)
+    for name in "AB":
+        c = res[name]
+        assert c["reliable"] is reliable
+        if reliable:
+            assert c["scale"] == pytest.approx(2.0, rel=0.05) and c["interval"][0] < 2.0 < c["interval"][1]
+            assert c["method"] == "noisy targets + noise models" and c["noise_to_error"] < 0.1
+        else:
+            assert c["scale"] == FALLBACK_SCALE > MIN_SCALE and c["method"].startswith("fallback")
+            assert c["noise_to_error"] > 50 and c["sensitivity_2pct"] > 0.25

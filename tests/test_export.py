@@ -273,3 +273,25 @@ def test_export_refuses_bad_requests(tmp_path):
         ex.export_package(tmp_path, tmp_path / "model.tar")
     with pytest.raises(UserError, match="run folder"):
         ex.export_package(tmp_path / "missing", tmp_path / "model.zip")
+
+
+def test_export_refuses_a_channel_calibrated_to_the_clip_floor(tiny_run, tmp_path):
+    """A std scale at the clip floor means a ~0 uncertainty channel: refused (one line) unless overridden."""
+    import json
+    import shutil
+
+    from denoisplit_zoo.calibration import MIN_SCALE
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    names = load_run(run).channel_names
+    (run / "calibration.json").write_text(json.dumps(
+        {"mode": "noisy", "channels": {names[0]: {"scale": MIN_SCALE}, names[1]: {"scale": 2.0}}}))
+    out = tmp_path / "model.zip"
+    with pytest.raises(UserError, match=f"calibration scale of {names[0]} is at its clip floor") as e:
+        ex.export_package(run, out, n_samples=1, noise=False, self_test=False)
+    assert "\n" not in str(e.value) and "--allow-collapsed-calibration" in str(e.value)
+    assert not out.exists()
+    with one_thread():
+        ex.export_package(run, out, n_samples=1, noise=False, self_test=False, allow_collapsed=True)
+    assert out.is_file()
