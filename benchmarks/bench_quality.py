@@ -237,6 +237,8 @@ def main():
                   flush=True)
         rows.append(r)
 
+    from denoisplit_zoo.metrics import split_status
+
     ok = [r for r in rows if "error" not in r]
     for r in ok:
         r["ri_psnr_A"], r["ri_psnr_B"] = list(r["ri_psnr"].values())
@@ -249,6 +251,11 @@ def main():
         gain = r.get("split_gain") or {}
         if gain and all(g is not None for g in gain.values()):
             r["split_gain_A"], r["split_gain_B"] = list(gain.values())
+            # the verdict from the stored numbers with the current rule (results cached by an older version too)
+            a, b = gain
+            pvc = r["correlation"]["pred_vs_clean"]
+            r["resembles_other"] = {a: pvc[f"{a}~{b}"] > pvc[f"{a}~{a}"], b: pvc[f"{b}~{a}"] > pvc[f"{b}~{b}"]}
+            r["split_status"] = split_status(gain, r["resembles_other"])
             r["verdict"] = ", ".join(f"{n} {s}" for n, s in r["split_status"].items())
         carried = (r.get("correlation") or {}).get("error_vs_input_noise")
         if carried:

@@ -337,8 +337,9 @@ def _metrics_section(ctx: PackageContext, metrics: Optional[dict]) -> str:
                      floors["naive"].get("mean", "-"), floors["no_split"]["mean"] if floors.get("no_split") else "-",
                      "", ""])
         renamed = dict(zip(ctx.run.channel_names, ctx.channel_names))
+        other = metrics.get("resembles_other") or {}
         verdict = describe_split({renamed[k]: v for k, v in status.items()},
-                                 {renamed[k]: v for k, v in gain.items()})
+                                 {renamed[k]: v for k, v in gain.items()}, {renamed[k]: v for k, v in other.items()})
         floors_text = ("\n\nBeside the model, two floors that need no model, on the same images: *naive* (the noisy "
                        "input / 2 for both channels) and *no split* (the clean sum / 2 for both channels: a perfect "
                        "denoiser that does not split). A structure is split only if it beats both (split gain > "

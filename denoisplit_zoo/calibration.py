@@ -352,7 +352,8 @@ def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT
         check = calibrate_arrays(pred["mean"], pred["std"], clean_on_target_scale(val.clean[:n], targets, noise_kind),
                                  run.channel_names, None, bins)
         result["clean_check"] = {name: {"scale": c["scale"], "slope": c["slope"], "offset": c["offset"],
-                                        "r2": c["r2"], "noisy_over_clean": channels[name]["scale"] / c["scale"]}
+                                        "r2": c["r2"], "noisy_over_clean": channels[name]["scale"] / c["scale"],
+                                        "estimate_over_clean": channels[name]["optimal_scale"] / c["scale"]}
                                  for name, c in check.items()}
     if n_samples < 10:  # E[1 / sample variance] grows fast for few samples (infinite for K = 2): s is biased up
         note = (note + "; " if note else "") + (f"only {n_samples} posterior samples: the sample std is noisy and "

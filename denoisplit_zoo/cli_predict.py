@@ -83,8 +83,9 @@ def _cmd_calibrate(a) -> int:
                   f"a 2 % noise-model error moves it by {_f(100 * (c['sensitivity_2pct'] or 0), 0)} %): "
                   f"shipping scale {c['scale']:.3g} ({c['method']})")
     for name, c in res.get("clean_check", {}).items():
-        print(f"{name}: the clean references would give scale {c['scale']:.4g} (noisy / clean = "
-              f"{c['noisy_over_clean']:.3f}; slope {_f(c['slope'])}); not used")
+        print(f"{name}: the clean references would give scale {c['scale']:.4g} (shipped / clean = "
+              f"{c['noisy_over_clean']:.3f}, noisy-target estimate / clean = {c['estimate_over_clean']:.3f}; slope "
+              f"{_f(c['slope'])}); not used")
     if res.get("note"):
         print(f"note: {res['note']}")
     print(f"calibration ({res['mode']} reference, K={res['n_samples']}) written: {Path(a.run) / 'calibration.json'}")

@@ -179,10 +179,10 @@ def render_report(m: dict, run_dir: str) -> str:
     lines.append(f"| mean | {_fmt(m['ri_psnr_mean'])} | {_fmt(m['ms_ssim_mean'], 4)} | {_fmt(m['micro_ssim_mean'], 4)} "
                  "| | | | |")
     lines += ["", "## Split or not: the model beside the two floors", "", floors_table(m), "",
-              describe_split(m["split_status"], m["split_gain"]), "",
+              describe_split(m["split_status"], m["split_gain"], m.get("resembles_other")), "",
               "naive: the noisy input / 2 for both channels; no split: the clean sum (A + B) / 2 for both channels, "
               "a perfect denoiser that does not split. Split gain: RI-PSNR minus the better floor; a channel is split "
-              "only if its gain is > 0.", "", correlation_line(m)]
+              "only if its gain is > 0 and it correlates more with its own clean structure than with the other.", "", correlation_line(m)]
     lines += ["", "RI-PSNR: range-invariant PSNR per frame (the paper's formula), averaged over frames. MS-SSIM: "
               f"pytorch-msssim, data range of the reference stack, {m['ms_ssim_levels']} of 5 scales. MicroSSIM: "
               "`microssim`, fitted per channel over all frames.",

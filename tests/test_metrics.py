@@ -143,3 +143,19 @@ def test_error_vs_input_noise_tells_a_denoiser_from_a_model_that_passes_the_nois
         ri = channel_metrics(clean, pred, names)["ri_psnr"]
         r = split_quality(clean, pred, inputs, names, ri, clean=True)["correlation"]["error_vs_input_noise"]
         assert all(lo <= v <= hi for v in r.values()), r
+
+
+def test_a_ghost_of_the_other_structure_is_not_split_even_above_the_floors():
+    """Where one structure dominates the sum, the dim one's no-split floor is low: a prediction that is the
+    bright structure's ghost may beat it, and is still not a split (r with the other clean structure is higher)."""
+    from denoisplit_zoo.metrics import describe_split, split_quality, split_status
+
+    assert split_status({"a": 0.5, "b": 0.2}, {"a": False, "b": True}) == {"a": "split", "b": "not split"}
+    clean, inputs = _two_structures()
+    noise = np.random.default_rng(4).normal(size=clean.shape[:1] + clean.shape[2:])
+    ghost = np.stack([clean[:, 0] + noise, 0.05 * clean[:, 0] + clean[:, 1].mean()], axis=1)  # b: a's ghost
+    ri = channel_metrics(clean, ghost, ["a", "b"])["ri_psnr"]
+    q = split_quality(clean, ghost, inputs, ["a", "b"], ri, clean=True)
+    assert q["resembles_other"] == {"a": False, "b": True}
+    assert q["split_status"]["b"] == "not split" and q["split_status"]["a"] == "split"
+    assert "resembles the other structure" in describe_split(q["split_status"], q["split_gain"], q["resembles_other"])
