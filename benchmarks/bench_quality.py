@@ -237,7 +237,7 @@ def main():
                   flush=True)
         rows.append(r)
 
-    from denoisplit_zoo.metrics import split_status
+    from denoisplit_zoo.metrics import resembles_other, split_status
 
     ok = [r for r in rows if "error" not in r]
     for r in ok:
@@ -252,9 +252,7 @@ def main():
         if gain and all(g is not None for g in gain.values()):
             r["split_gain_A"], r["split_gain_B"] = list(gain.values())
             # the verdict from the stored numbers with the current rule (results cached by an older version too)
-            a, b = gain
-            pvc = r["correlation"]["pred_vs_clean"]
-            r["resembles_other"] = {a: pvc[f"{a}~{b}"] > pvc[f"{a}~{a}"], b: pvc[f"{b}~{a}"] > pvc[f"{b}~{b}"]}
+            r["resembles_other"] = resembles_other(r["correlation"]["pred_vs_clean"], list(gain))
             r["split_status"] = split_status(gain, r["resembles_other"])
             r["verdict"] = ", ".join(f"{n} {s}" for n, s in r["split_status"].items())
         carried = (r.get("correlation") or {}).get("error_vs_input_noise")

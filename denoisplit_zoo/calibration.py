@@ -114,8 +114,10 @@ def scale_check(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarra
         nv = np.asarray(noise_var, np.float64)
         excess = float(np.mean((err2 - nv)[ok]))
         out["noise_to_error"] = float(np.mean(nv[ok]) / excess) if excess > 0 else float("inf")
+        # s^2 is linear in v: a relative error f of v moves it by -+ f * mean(v / var)
         f = NOISE_ERROR_PCT / 100
-        shifted = [np.sqrt(max(float(np.mean(((err2 - k * nv) / var)[ok])), 0.0)) for k in (1 - f, 1 + f)]
+        nv_over_var = float(np.mean((nv / np.where(ok, var, 1.0))[ok]))
+        shifted = [np.sqrt(max(s2 + k * f * nv_over_var, 0.0)) for k in (1, -1)]
         out["sensitivity_2pct"] = float(max(abs(v - scale) for v in shifted) / scale)
         reliable = reliable and s2 > 0 and out["sensitivity_2pct"] <= MAX_SENSITIVITY
     out["reliable"] = bool(reliable)

@@ -237,6 +237,14 @@ def split_status(gain: dict, resembles_other: dict | None = None) -> dict:
             "split" if g > 0 and not other.get(n, False) else "not split" for n, g in gain.items()}
 
 
+def resembles_other(pred_vs_clean: dict, names: list[str]) -> dict:
+    """{name: True where the predicted channel correlates more with the OTHER clean structure than with its own},
+    from channel_correlations' `pred_vs_clean` ({"p~q": r})."""
+    a, b = names
+    return {a: pred_vs_clean[f"{a}~{b}"] > pred_vs_clean[f"{a}~{a}"],
+            b: pred_vs_clean[f"{b}~{a}"] > pred_vs_clean[f"{b}~{b}"]}
+
+
 def channel_correlations(pred: np.ndarray, clean: np.ndarray | None, names: list[str]) -> dict:
     """Pearson r (mean over frames) of the two predicted channels with each other, and, with clean references,
     of the two clean channels with each other and of each predicted channel with each clean one.
@@ -257,18 +265,17 @@ def split_quality(reference: np.ndarray, pred: np.ndarray, inputs: np.ndarray, n
     floors = split_floors(reference, inputs, names, clean)
     gain = split_gain(ri, floors)
     corr = channel_correlations(pred, reference if clean else None, names)
-    resembles_other = None
+    other = None
     if clean:
-        pvc, (a, b) = corr["pred_vs_clean"], names
-        resembles_other = {a: pvc[f"{a}~{b}"] > pvc[f"{a}~{a}"], b: pvc[f"{b}~{a}"] > pvc[f"{b}~{b}"]}
+        other = resembles_other(corr["pred_vs_clean"], names)
         # How much of the input's noise the prediction carries: r(pred_c - clean_c, input - (clean A + clean B)).
         # ~0 for a denoiser; a model trained on noisy targets that also sit in its input (input = noisy A + noisy B)
         # can lower its loss by predicting their noise from the input, and then it is > 0 (uSplit's failure mode).
         noise = inputs.astype(np.float64) - reference[:, 0] - reference[:, 1]
         corr["error_vs_input_noise"] = {n: _frame_mean_r(pred[:, c] - reference[:, c].astype(np.float64), noise)
                                         for c, n in enumerate(names)}
-    return {"floors": floors, "split_gain": gain, "split_status": split_status(gain, resembles_other),
-            "resembles_other": resembles_other, "correlation": corr}
+    return {"floors": floors, "split_gain": gain, "split_status": split_status(gain, other),
+            "resembles_other": other, "correlation": corr}
 
 
 def describe_split(status: dict, gain: dict, resembles_other: dict | None = None) -> str:
