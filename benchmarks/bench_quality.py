@@ -113,15 +113,22 @@ def floor(args, st: dict, kind: str) -> dict:
             "test_fields": prepared.split.get("test")}
 
 
-def trained(args, st: dict, method: str, run_dir: Path) -> dict:
+def extendable(args, r: dict, run_dir: Path) -> bool:
+    """--extend: a cached result trained for fewer than --steps that ran its whole step budget and still has its
+    last checkpoint can be resumed (exact resume) to --steps instead of training again from step 0."""
+    return bool(args.extend and args.steps and r.get("steps", 0) < args.steps and r.get("stopped") == "max_steps"
+                and (run_dir / "checkpoints" / "last.pt").is_file())
+
+
+def trained(args, st: dict, method: str, run_dir: Path, extend: bool = False) -> dict:
     from denoisplit_zoo.calibration import calibrate_run
     from denoisplit_zoo.evaluation import evaluate_run
     from denoisplit_zoo.training import train
 
-    if run_dir.exists():  # interrupted earlier: same budget for everyone, so start again
+    if run_dir.exists() and not extend:  # interrupted earlier: same budget for everyone, so start again
         shutil.rmtree(run_dir)
     t0 = time.time()
-    res = train(run_config(args, st, method), run_dir, progress=False)
+    res = train(run_config(args, st, method), run_dir, resume=extend, progress=False)
     train_wall = time.time() - t0
     C.write_json(str(run_dir / "bench_train_done.json"), {"steps": res.step, "seconds": res.seconds})
     calib = None
@@ -175,6 +182,10 @@ def main():
                     help="validations without improvement before stopping (default: the preset's; set it above "
                          "the budget's validations so every method trains for the whole budget)")
     ap.add_argument("--lr-patience", type=int, help="ReduceLROnPlateau patience in validations (default: preset's)")
+    ap.add_argument("--extend", action="store_true",
+                    help="resume cached trainings that stopped at fewer than --steps to --steps (exact resume from "
+                         "their last checkpoint), then calibrate and evaluate again; the earlier numbers are kept "
+                         "in the row's `history`")
     ap.add_argument("--samples", type=int, default=20, help="posterior samples K for calibration and evaluation")
     ap.add_argument("--max-images", type=int, help="evaluate / calibrate on at most this many fields")
     ap.add_argument("--calibration-images", type=int, help="calibrate on at most this many validation fields "
@@ -217,18 +228,23 @@ def main():
     rows = []
     for st, method in pairs:
         res_path = out / "results" / f"{st['name']}_{method}.json"
-        if res_path.is_file():
-            r = json.loads(res_path.read_text())
+        run_dir = out / "runs" / f"{st['name']}_{method}"
+        cached = json.loads(res_path.read_text()) if res_path.is_file() else None
+        extend = cached is not None and method not in FLOORS and extendable(args, cached, run_dir)
+        if cached is not None and not extend:
+            r = cached
             print(f"{st['name']:18s} {method:10s} (cached) RI-PSNR {r['ri_psnr_mean']:.2f}", flush=True)
         else:
             t0 = time.time()
             try:
-                r = floor(args, st, method) if method in FLOORS else trained(
-                    args, st, method, out / "runs" / f"{st['name']}_{method}")
+                r = floor(args, st, method) if method in FLOORS else trained(args, st, method, run_dir, extend)
             except Exception as e:  # noqa: BLE001  (report and go on with the other settings)
                 print(f"{st['name']:18s} {method:10s} FAILED {type(e).__name__}: {e}", flush=True)
                 rows.append({"setting": st["name"], "method": method, "error": f"{type(e).__name__}: {e}"})
                 continue
+            if extend:  # the earlier, shorter budget's numbers: a learning curve at equal evaluation protocol
+                r["history"] = [*cached.get("history", []), {k: cached.get(k) for k in (
+                    "steps", "samples", "ri_psnr", "ri_psnr_mean", "split_gain", "split_status", "train_seconds")}]
             r.update(setting=st["name"], method=method, channels=st["channels"], noise=st["noise"],
                      kind=st["kind"], preset=args.preset, minutes=args.minutes, budget_steps=args.steps,
                      samples=args.samples, seconds_total=time.time() - t0)

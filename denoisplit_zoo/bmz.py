@@ -205,7 +205,9 @@ def training_summary(run) -> dict:
     kept = [e for e in vals if e.get("best")]  # logs since the KL warm-up mark the kept checkpoint
     best = kept[-1] if kept else min(vals, key=lambda e: e["val_loss"]) if vals else {}
     split = run.data_split or {}
+    prov = read_json(run.paths.provenance) if run.paths.provenance.is_file() else {}
     return {
+        "init_from": prov.get("init_from"),  # fine-tuned: the source's name, file and sha256; None = from scratch
         "preset": cfg.preset, "loss": cfg.train.loss, "steps": log[-1].get("step") if log else None,
         "epochs": log[-1].get("epoch") if log else None, "seconds": log[-1].get("seconds") if log else None,
         "best_val_loss": best.get("val_loss"), "best_val_step": best.get("step"),
@@ -395,7 +397,12 @@ def _calibration_section(ctx: PackageContext, metrics: Optional[dict], figure: O
 def _training_table(ctx: PackageContext) -> str:
     t = training_summary(ctx.run)
     noise = t["noise_protocol"] or {}
+    init = t["init_from"]
     rows = [["preset / loss", f"{t['preset']} / {t['loss']}"],
+            ["initial weights", "random (trained from scratch)" if not init else
+             f"fine-tuned from {init['kind']} model `{init['source']}` (sha256 {init['sha256'][:12]}…, trained on "
+             f"{(init.get('trained_on') or {}).get('data')}, channels "
+             f"{(init.get('trained_on') or {}).get('channels')})"],
             ["steps (epochs)", f"{t['steps']} ({t['epochs']})"],
             ["training time", f"{t['seconds']} s" if t["seconds"] is not None else "-"],
             ["best validation loss (step)", f"{_num(t['best_val_loss'])} ({t['best_val_step']})"],

@@ -21,8 +21,9 @@ Two references for the error:
   One more term matters in practice: the INPUT contains the target's own noise (input = noisy A + noisy B), so the
   MMSE leans towards it and E[(MMSE - noisy)^2] = E[(MMSE - clean)^2] + v - 2 v d, with d = dMMSE_c(x) / dinput(x)
   the network's local gain (Stein's identity, as in SURE). Without it the noise is over-subtracted and s collapses
-  (measured on W2S: s -> 0 for uSplit models). `calibrate --without-clean` estimates d by one finite-difference
-  probe with a random +-1 perturbation of the input (Hutchinson), locally averaged, and uses v (1 - 2 d).
+  (measured on W2S: s -> 0 for uSplit models). `calibrate --without-clean` estimates d by finite-difference
+  probes with random +-1 perturbations of the input (Hutchinson; GAIN_PROBES of them), locally averaged, and uses
+  v (1 - 2 d).
 
 Reliability: pixels sorted by calibrated std, cut into `bins` (30) EQUAL-COUNT bins; per bin RMV = sqrt(mean std^2)
 and RMSE = sqrt(mean err^2) (noisy reference: sqrt(max(mean(err^2 - v), 0)), the error against the unseen clean
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .runtime import pick_device
 from .fileio import atomic_path, write_json
 
 DEFAULT_BINS = 30
@@ -58,6 +60,10 @@ MAX_REL_WIDTH = 0.5
 MAX_SENSITIVITY = 0.25
 NOISE_ERROR_PCT = 2.0
 FALLBACK_SCALE = 1.0
+# The Stein gain d of a noisy-target calibration: GAIN_PROBES Hutchinson probes with a sampler of GAIN_SAMPLES
+# posterior samples (about the cost of one 50-sample prediction; docs/calibration.md has the measurements).
+GAIN_PROBES = 4
+GAIN_SAMPLES = 10
 
 
 # --------------------------------------------------------------------------------------------------- pure numerics
@@ -75,6 +81,30 @@ def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray]
         return float("nan")
     excess = err2[ok] if noise_var is None else err2[ok] - np.asarray(noise_var, np.float64).ravel()[ok]
     return float(np.sqrt(max(np.mean(excess / var[ok]), _MIN_SCALE2)))
+
+
+def fit_scale_mle(err2: np.ndarray, var: np.ndarray, noise_var: np.ndarray) -> float:
+    """The estimator that cannot go negative, for comparison with `fit_scale` on noisy targets (raw^2 arrays as
+    there): maximum likelihood of e ~ N(0, s^2 var + noise_var) over s >= 0, a 1-D problem solved by a bounded
+    Brent search on log s. It answers a different question where errors do not grow exactly like the sample std
+    (it weights pixels by ~var / noise_var^2, see docs/calibration.md), so it is reported, not shipped. NaN when no
+    pixel has var > 0 and noise_var + var > 0."""
+    from scipy.optimize import minimize_scalar
+
+    err2, var = np.asarray(err2, np.float64).ravel(), np.asarray(var, np.float64).ravel()
+    nv = np.clip(np.asarray(noise_var, np.float64).ravel(), 0.0, None)  # v (1 - 2d) can dip below 0 locally
+    ok = var > 0
+    if not ok.any():
+        return float("nan")
+    err2, var, nv = err2[ok], var[ok], nv[ok]
+
+    def nll(log_s: float) -> float:
+        total = np.exp(2 * log_s) * var + nv
+        return float(np.mean(err2 / total + np.log(total)))
+
+    # bounds: from the clip floor to 1e3 x the posterior std (a scale beyond that means the model is meaningless)
+    res = minimize_scalar(nll, bounds=(np.log(MIN_SCALE), np.log(1e3)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))
 
 
 def _block_sums(x: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +196,7 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
 
     Returns {name: {scale, optimal_scale, slope, offset, r2, n_pixels, rmv, rmse, count}} (reliability of
     scale * std). A fit (scales None) adds `method`, `reliable`, `interval`, `noise_to_error`, `sensitivity_2pct`
-    (`scale_check`) and, for a noisy reference whose scale is not reliable, uses FALLBACK_SCALE instead of the
+    (`scale_check`), for a noisy reference `mle_scale` (`fit_scale_mle`, the comparison estimator) and, for a noisy reference whose scale is not reliable, uses FALLBACK_SCALE instead of the
     estimate (kept as `optimal_scale`): never a silently collapsed channel."""
     out = {}
     for c, name in enumerate(names):
@@ -184,6 +214,8 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
                 scale, method = FALLBACK_SCALE, "fallback: posterior std (s = 1)"
             extra = {"method": method, "reliable": check["reliable"], "interval": check["interval"],
                      "noise_to_error": check["noise_to_error"], "sensitivity_2pct": check["sensitivity_2pct"]}
+            if nv is not None:
+                extra["mle_scale"] = fit_scale_mle(err2, var, nv)
         rel = reliability(scale * np.sqrt(var), err2, nv, bins)
         out[name] = {"scale": scale, "optimal_scale": best, **extra, "slope": rel.pop("slope"),
                      "offset": rel.pop("offset"), "r2": rel.pop("r2"), "n_pixels": int(err2.size), **rel}
@@ -296,37 +328,42 @@ def prepare_run_split(run, split: str, data: Optional[str] = None):
     return getattr(prepared, split), prepared.noise_info.get("kind", "synthetic")
 
 
-def input_gain(sampler, inputs: np.ndarray, mean: np.ndarray, norm, tile: int, halo: int, chunk: Optional[int],
-               progress: bool, seed: int, rel_step: float = 0.01, smooth: int = 9) -> np.ndarray:
+def input_gain(sampler, inputs: np.ndarray, norm, tile: int, halo: int, chunk: Optional[int], progress: bool,
+               seed: int, probes: int = GAIN_PROBES, rel_step: float = 0.01, smooth: int = 9) -> np.ndarray:
     """d[n, c, y, x] ~ dMMSE_c(y, x) / dinput(y, x) (raw / raw, unit-free): the share of a pixel's input noise that
-    the MMSE of channel c keeps. One Hutchinson probe: input + h * eps with eps = +-1 per pixel and h = rel_step x the
-    input std (the latent noise is the same counter-hash draw, so the MMSE is a deterministic function of the input);
-    eps * (MMSE(input + h eps) - MMSE(input)) / h is unbiased for the diagonal, and a smooth x smooth box average
-    removes most of the off-diagonal noise."""
+    the MMSE of channel c keeps. Hutchinson probes: input + h * eps with eps = +-1 per pixel and h = rel_step x the
+    input std; the latent noise is the same counter-hash draw in every pass, so the MMSE of `sampler` is a
+    deterministic function of the input and eps * (MMSE(input + h eps) - MMSE(input)) / h is unbiased for the
+    diagonal. `probes` independent eps are averaged (the variance of the off-diagonal terms falls as 1 / probes),
+    then a smooth x smooth box average removes most of what is left. `sampler` may draw fewer samples than the
+    calibration itself: d is the mean of the per-sample gains, and the probes buy more than the samples do."""
     from scipy.ndimage import uniform_filter
 
     from .sampling import predict_stack
 
+    if probes < 1:
+        raise UserError("--probes must be >= 1")
     h = rel_step * float(norm.input_std)
-    eps = np.where(np.random.default_rng(seed).random(inputs.shape) < 0.5, -1.0, 1.0).astype(np.float32)
-    probe = predict_stack(sampler, inputs + h * eps, norm, tile, halo, chunk, progress, desc="calibrate (gain)")
-    d = eps[:, None] * (probe["mean"] - mean) / h
-    return uniform_filter(d, size=(1, 1, smooth, smooth), mode="reflect")
+    base = predict_stack(sampler, inputs, norm, tile, halo, chunk, progress, desc="calibrate (gain)")["mean"]
+    rng = np.random.default_rng(seed)
+    d = np.zeros(base.shape, np.float64)
+    for _ in range(probes):
+        eps = np.where(rng.random(inputs.shape) < 0.5, -1.0, 1.0).astype(np.float32)
+        probe = predict_stack(sampler, inputs + h * eps, norm, tile, halo, chunk, progress, desc="calibrate (gain)")
+        d += eps[:, None] * (probe["mean"] - base) / h
+    return uniform_filter((d / probes).astype(np.float32), size=(1, 1, smooth, smooth), mode="reflect")
 
 
-def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
-                  bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
-                  max_images: Optional[int] = None,
-                  chunk: Optional[int] = None, progress: bool = True, device: str = "auto") -> dict:
-    """`denoisplit-zoo calibrate`: fit the per-channel scales on the run's validation images and write
-    RUN_DIR/calibration.json and RUN_DIR/calibration.png. Returns what calibration.json holds."""
-    from .run_folder import load_run
+def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
+                    bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
+                    max_images: Optional[int] = None, chunk: Optional[int] = None, progress: bool = True,
+                    device: str = "auto", probes: int = GAIN_PROBES) -> tuple[dict, dict]:
+    """Fit the per-channel scales of a loaded run (run_folder.load_run) on its validation images; writes nothing.
+    Returns (what calibration.json holds, the fitted channels' reliability data for `plot_calibration`)."""
     from .sampling import measure_halo, predict_stack
-    from .training import pick_device
 
     if n_samples < 2:
         raise UserError("calibration needs at least 2 posterior samples (--samples)")
-    run = load_run(run_dir)
     val, noise_kind = prepare_run_split(run, "val", data)
     n = len(val.inputs) if max_images is None else max(1, min(int(max_images), len(val.inputs)))
     mode = "clean"
@@ -335,7 +372,8 @@ def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT
         mode = "noisy"
         if not without_clean:
             note = "no clean validation images: calibrated against the noisy targets with the noise models"
-    sampler = run.sampler(n_samples, seed).to(pick_device(device))
+    dev = pick_device(device)
+    sampler = run.sampler(n_samples, seed).to(dev)
     sampler.calibration_scale.fill_(1.0)  # fit on the raw sample std
     halo = measure_halo(sampler.vae)
     pred = predict_stack(sampler, val.inputs[:n], run.norm, tile, halo, chunk, progress, desc="calibrate")
@@ -343,26 +381,50 @@ def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT
     if mode == "clean":
         ref, nv = clean_on_target_scale(val.clean[:n], targets, noise_kind), None
     else:
-        gain = input_gain(sampler, val.inputs[:n], pred["mean"], run.norm, tile, halo, chunk, progress, seed)
+        gain_sampler = run.sampler(min(n_samples, GAIN_SAMPLES), seed).to(dev)
+        gain = input_gain(gain_sampler, val.inputs[:n], run.norm, tile, halo, chunk, progress, seed, probes)
         ref, nv = targets, noise_variance(run.noise_models, pred["mean"]) * (1.0 - 2.0 * gain)
     channels = calibrate_arrays(pred["mean"], pred["std"], ref, run.channel_names, nv, bins)
     result = {"channels": channels, "mode": mode, "n_samples": int(n_samples), "seed": int(seed), "bins": int(bins),
               "split": "val", "n_images": int(n), "halo": int(halo), "tile": int(tile)}
-    if mode == "noisy" and val.clean is not None:
-        # --without-clean on data that has clean images (a benchmark, a method check): what the clean reference
-        # gives from the same samples, so the two calibrations can be compared. Not used by the sampler.
-        check = calibrate_arrays(pred["mean"], pred["std"], clean_on_target_scale(val.clean[:n], targets, noise_kind),
-                                 run.channel_names, None, bins)
-        result["clean_check"] = {name: {"scale": c["scale"], "slope": c["slope"], "offset": c["offset"],
-                                        "r2": c["r2"], "noisy_over_clean": channels[name]["scale"] / c["scale"],
-                                        "estimate_over_clean": channels[name]["optimal_scale"] / c["scale"]}
-                                 for name, c in check.items()}
+    if mode == "noisy":
+        result["gain"] = {"probes": int(probes), "samples": int(min(n_samples, GAIN_SAMPLES))}
+        if val.clean is not None:
+            # --without-clean on data that has clean images (a benchmark, a method check): what the clean
+            # reference gives from the same samples, so the calibrations can be compared. Not used by the sampler.
+            clean = clean_on_target_scale(val.clean[:n], targets, noise_kind)
+            check = calibrate_arrays(pred["mean"], pred["std"], clean, run.channel_names, None, bins)
+            result["clean_check"] = {}
+            for k, (name, c) in enumerate(check.items()):
+                fit = channels[name]
+                err2 = (np.asarray(pred["mean"][:, k], np.float64) - clean[:, k]) ** 2
+                shipped = reliability(fit["scale"] * np.asarray(pred["std"][:, k], np.float64), err2, None, bins)
+                result["clean_check"][name] = {
+                    "scale": c["scale"], "slope": c["slope"], "offset": c["offset"], "r2": c["r2"],
+                    "noisy_over_clean": fit["scale"] / c["scale"],
+                    "estimate_over_clean": fit["optimal_scale"] / c["scale"],
+                    "mle_over_clean": fit["mle_scale"] / c["scale"],
+                    "shipped_slope_vs_clean": shipped["slope"]}  # the shipped scale against clean (1 = right)
     if n_samples < 10:  # E[1 / sample variance] grows fast for few samples (infinite for K = 2): s is biased up
         note = (note + "; " if note else "") + (f"only {n_samples} posterior samples: the sample std is noisy and "
                                                 "the fitted scale is biased upwards (use >= 20)")
     if note:
         result["note"] = note
-    write_json(run.paths.calibration, json_safe(result))
+    return json_safe(result), channels
+
+
+def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
+                  bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
+                  max_images: Optional[int] = None, chunk: Optional[int] = None, progress: bool = True,
+                  device: str = "auto", probes: int = GAIN_PROBES) -> dict:
+    """`denoisplit-zoo calibrate`: fit the per-channel scales on the run's validation images (`fit_calibration`)
+    and write RUN_DIR/calibration.json and RUN_DIR/calibration.png. Returns what calibration.json holds."""
+    from .run_folder import load_run
+
+    run = load_run(run_dir)
+    result, channels = fit_calibration(run, without_clean, n_samples, seed, bins, data, tile, max_images, chunk,
+                                       progress, device, probes)
+    write_json(run.paths.calibration, result)
     plot_calibration(channels, run.paths.root / "calibration.png",
-                     title=f"calibration on validation images ({mode} reference, K={n_samples})")
+                     title=f"calibration on validation images ({result['mode']} reference, K={n_samples})")
     return result

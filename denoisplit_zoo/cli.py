@@ -30,6 +30,10 @@ def _add_train(sub) -> None:
     p.add_argument("--noise-models", nargs=2, metavar=("NM_A", "NM_B"),
                    help="pre-fitted noise models (npz) instead of fitting them from the training pairs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="fine-tune: start from the weights of a bundled model (see `denoisplit-zoo models`), a run "
+                        "folder or a package zip exported by this tool; the architecture (and, unless --preset is "
+                        "given, the preset) is the source's")
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=_cmd_train)
 
@@ -54,6 +58,7 @@ def _cmd_train(a) -> int:
             raise UserError(f"{a.config}: {where}: expected a mapping, got {type(val).__name__} {val!r:.40}")
         return val
 
+    explicit_arch = a.preset is not None or "preset" in over or "model" in over  # --init-from: else the source's
     preset = a.preset or over.get("preset", "small")  # --preset wins over the file's preset
     over.pop("preset", None)
     tr, dt = section(over, "train", "train"), section(over, "data", "data")
@@ -74,7 +79,24 @@ def _cmd_train(a) -> int:
         dt["path"] = "<from run>"
     if "path" not in dt:
         raise UserError("--data is required (or data.path in --config)")
+    src = None
+    if a.init_from:
+        from .pretrained import architecture_mismatch, fine_tune_overrides, load_init_source
+
+        if a.resume:
+            raise UserError("--init-from starts a new run; --resume continues one (its weights come from last.pt)")
+        src = load_init_source(a.init_from)  # before anything is written: a bad source changes nothing
+        ft = fine_tune_overrides(src, take_architecture=not explicit_arch)
+        if not explicit_arch:
+            preset = src.preset or preset
+            over["model"] = ft["model"]
+        for key, val in ft["train"].items():
+            tr.setdefault(key, val)
+        tr["init_from"] = a.init_from
     cfg = build_run_config(preset, over)
+    if src is not None and (mismatch := architecture_mismatch(cfg.model, cfg.train.patch_size, src)):
+        raise UserError(f"--init-from {a.init_from}: architecture differs ({mismatch}); drop --preset / model "
+                        "overrides to take the source's")
     res = train(cfg, a.out, resume=a.resume, noise_model_files=a.noise_models)
     print(f"trained {res.step} steps in {res.seconds / 60:.1f} min ({res.stopped_because}); "
           f"best val_loss {res.best_val_loss:.4f}; run folder: {res.run_dir}")
@@ -144,8 +166,32 @@ def _cmd_noise_model_fit(a) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the bundled pretrained models (for train --init-from NAME)")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(a) -> int:
+    from .pretrained import WEIGHTS_DIR, describe_bundled
+
+    rows = describe_bundled()
+    if not rows:
+        print(f"no bundled models (looked in {WEIGHTS_DIR})")
+        return 0
+    for r in rows:
+        psnr = ", ".join(f"{k} {v:.2f} dB" for k, v in (r["ri_psnr"] or {}).items()) or "no test metrics"
+        gain = r["split_gain"]
+        split = ("; split gain " + ", ".join(f"{k} {v:+.2f} dB ({(r['split_status'] or {}).get(k, '?')})"
+                                             for k, v in gain.items() if v is not None)) if gain else \
+            "; split gain not measured"
+        print(f"{r['name']}: preset {r['preset']}, loss {r['loss']}, {r['data']}, channels "
+              f"{'/'.join(map(str, r['channels']))}, {r['noise']}, {r['steps'] or '?'} steps; test RI-PSNR {psnr}"
+              f"{split}")
+    return 0
+
+
 # Each later stage registers its command here (calibrate, evaluate, predict, export, upload, quickstart).
-_COMMANDS = [_add_noise_model, _add_train]
+_COMMANDS = [_add_noise_model, _add_train, _add_models]
 
 
 def _register_optional(sub) -> None:

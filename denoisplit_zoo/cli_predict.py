@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import GAIN_PROBES
 from .errors import UserError
+from .runtime import pick_device
 
 
 def _positive_int(text: str) -> int:
@@ -44,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--data", help="the training data, if not at the path in the run's config.yaml")
     p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
     p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N validation images")
+    p.add_argument("--probes", type=_positive_int, default=GAIN_PROBES,
+                   help=f"--without-clean: Hutchinson probes of the network's input gain (default {GAIN_PROBES})")
     _common(p, 50, "posterior samples per pixel (default 50, as in the paper)")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -70,7 +74,8 @@ def _cmd_calibrate(a) -> int:
 
     res = calibrate_run(a.run, without_clean=a.without_clean, n_samples=a.samples,
                         seed=42 if a.seed is None else a.seed, bins=a.bins, data=a.data, tile=a.tile,
-                        max_images=a.max_images, chunk=a.chunk, progress=not a.no_progress, device=a.device)
+                        max_images=a.max_images, chunk=a.chunk, progress=not a.no_progress, device=a.device,
+                        probes=a.probes)
     for name, c in res["channels"].items():
         lo, hi = c["interval"]
         print(f"{name}: scale {c['scale']:.4g}, 95 % interval of the estimate {_f(lo, 3)} .. {_f(hi, 3)} "
@@ -84,8 +89,9 @@ def _cmd_calibrate(a) -> int:
                   f"shipping scale {c['scale']:.3g} ({c['method']})")
     for name, c in res.get("clean_check", {}).items():
         print(f"{name}: the clean references would give scale {c['scale']:.4g} (shipped / clean = "
-              f"{c['noisy_over_clean']:.3f}, noisy-target estimate / clean = {c['estimate_over_clean']:.3f}; slope "
-              f"{_f(c['slope'])}); not used")
+              f"{c['noisy_over_clean']:.3f}, noisy-target estimate / clean = {c['estimate_over_clean']:.3f}, maximum "
+              f"likelihood / clean = {_f(c['mle_over_clean'], 3)}; slope {_f(c['slope'])}, shipped scale's slope "
+              f"{_f(c['shipped_slope_vs_clean'])}); not used")
     if res.get("note"):
         print(f"note: {res['note']}")
     print(f"calibration ({res['mode']} reference, K={res['n_samples']}) written: {Path(a.run) / 'calibration.json'}")
@@ -193,7 +199,6 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
     from tqdm.auto import tqdm
 
     from .sampling import measure_halo, predict_stack
-    from .training import pick_device
 
     sampler, names, norm = load_sampler(model, n_samples, seed)
     sampler = sampler.to(pick_device(device))

@@ -19,6 +19,9 @@ def register(sub) -> None:
                         "stages leave")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the split's patches and training")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="fine-tune from these weights instead of training from random ones: a bundled model "
+                        "(`denoisplit-zoo models`), a run folder or a package zip exported by this tool")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines are still printed)")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -26,6 +29,7 @@ def register(sub) -> None:
 def _cmd_quickstart(a) -> int:
     from .quickstart import print_summary, run_quickstart
 
-    summary = run_quickstart(a.out, a.minutes, seed=a.seed, device=a.device, progress=not a.no_progress)
+    summary = run_quickstart(a.out, a.minutes, seed=a.seed, device=a.device, progress=not a.no_progress,
+                             init_from=a.init_from)
     print_summary(summary)
     return 0

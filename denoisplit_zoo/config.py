@@ -96,6 +96,9 @@ class TrainConfig(_Strict):
     # "Altered uSplit" ablation (Gaussian likelihood, KL per image pixel): a Gaussian-likelihood baseline that
     # does not pass the input noise through, so the noise-model likelihood's own contribution can be measured.
     kl_formulation: Optional[LossKind] = None
+    # Fine-tuning: start from these network weights (pretrained.load_init_source: a bundled model's name, a run
+    # folder or an exported zip) instead of random ones; the architecture must be the source's.
+    init_from: Optional[str] = None
     val_every: int = Field(200, ge=1, description="optimizer steps between validations/checkpoints")
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)

@@ -23,6 +23,7 @@ import numpy as np
 from .calibration import (DEFAULT_BINS, DEFAULT_SAMPLES, calibrate_arrays, clean_on_target_scale, json_safe,
                           noise_variance, plot_calibration, prepare_run_split)
 from .errors import UserError
+from .runtime import pick_device
 from .fileio import OutputSet, atomic_path, write_json, write_text
 from .metrics import channel_metrics, describe_split, split_quality
 
@@ -204,7 +205,6 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
     Returns the metrics dict (what metrics.json holds)."""
     from .run_folder import load_run
     from .sampling import measure_halo, predict_stack
-    from .training import pick_device
 
     if n_samples < 1:
         raise UserError("--samples must be >= 1")

@@ -410,5 +410,6 @@ def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Option
     names = [str(n) for n in den.get("channel_names", ["A", "B"])]
     meta = {"name": rdf.get("name"), "halo": den.get("halo"), "n_samples": kwargs.get("n_samples"),
             "seed": kwargs.get("seed"), "noise": kwargs.get("noise", True), "calibration": den.get("calibration"),
-            "training": den.get("training"), "format_version": rdf.get("format_version"), "source": str(zip_path)}
+            "training": den.get("training"), "format_version": rdf.get("format_version"), "source": str(zip_path),
+            "architecture": kwargs}
     return sampler.eval(), names, norm, meta

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserError
+from .runtime import pick_device
 from .fileio import OutputSet, atomic_path, write_json, write_text, write_yaml
 from .metrics import describe_split
 
@@ -167,14 +168,29 @@ def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None) -> P
     return folder
 
 
-def _build_config(data: Path, preset: str, gaussian: float, poisson: float, seed: int, device: str):
+def _build_config(data: Path, preset: str, gaussian: float, poisson: float, seed: int, device: str,
+                  init_from: Optional[str] = None):
+    """The run's config; with `init_from` (pretrained.load_init_source), the source's architecture and preset (a
+    `preset` that disagrees is a one-line error) and fine-tuning's training settings."""
     from .config import build_run_config
+    from .pretrained import architecture_mismatch, fine_tune_overrides, load_init_source
 
     over = {"data": {"path": str(data.resolve()), "noise": {"gaussian": gaussian, "poisson": poisson, "seed": seed}},
             "train": {"seed": seed, "device": device}}
     if preset == "small":  # the preset's own (larger) noise-model fit is kept for `tiny` (tests: already small)
         over["noise_model"] = dict(NOISE_MODEL)
-    return build_run_config(preset, over)
+    if init_from is None:
+        return build_run_config(preset, over)
+    src = load_init_source(init_from)
+    ft = fine_tune_overrides(src)
+    over["model"] = ft["model"]
+    over["train"] = {**ft["train"], **over["train"]}
+    cfg = build_run_config(preset, over)
+    mismatch = architecture_mismatch(build_run_config(preset, {"data": over["data"]}).model,
+                                     cfg.train.patch_size, src)
+    if mismatch:
+        raise UserError(f"--init-from {init_from}: not a `{preset}` model ({mismatch})")
+    return cfg
 
 
 def fit_noise_models(cfg, prepared, folder: Path, progress: bool) -> list[str]:
@@ -196,7 +212,6 @@ def probe_seconds_per_pixel_sample(cfg, device: str = "cpu") -> float:
     import torch
 
     from .model import SplitSampler
-    from .training import pick_device
 
     m = cfg.model
     dev = pick_device(device)
@@ -388,7 +403,9 @@ def render_report(summary: dict) -> str:
         f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the held-out stripes "
         f"cover the cell's centre), then cut into train / validation / test stripes: {d['regions']}.",
         "2. **noise models**: one GMM per channel, fitted to the training stripe's (clean, noisy) pairs.",
-        f"3. **training**: `{t['preset']}` preset on {t['device']}, {t['steps']} steps in {t['minutes']:.1f} min "
+        f"3. **training**: `{t['preset']}` preset "
+        f"{'fine-tuned from `' + str(t['init_from']) + '`' if t.get('init_from') else 'from scratch'} on "
+        f"{t['device']}, {t['steps']} steps in {t['minutes']:.1f} min "
         f"(stopped by {t['stopped_because']}; {budget['train_minutes']:.1f} min of the budget); best validation "
         f"loss {_f(t['best_val_loss'], 4)}.",
         f"4. **calibration without clean data**: a std scale per structure, fitted on the validation stripe against "
@@ -432,9 +449,12 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, po
                    seed: int = 0, device: str = "auto", progress: bool = True,
                    log: Optional[Callable[[str], None]] = None, preset: str = "small",
                    crop: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,
-                   samples: Optional[dict] = None) -> dict:
+                   samples: Optional[dict] = None, init_from: Optional[str] = None) -> dict:
     """Run the whole quickstart into `out` (missing or empty) in about `minutes` of wall time (see the module
     docstring); `gaussian` / `poisson` set the synthetic noise (design.md protocol).
+
+    `init_from`: fine-tune from these weights (a bundled model's name, a run folder or an exported zip; see
+    pretrained.py) instead of training from random ones.
 
     For tests: `preset`, `crop` (rows, cols of the sample's top-left corner), `max_steps`, and `samples` (fixed K
     per stage, {calibrate, evaluate, export}, instead of the budget's choice).
@@ -448,14 +468,14 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, po
     out = Path(out)
     _check_out(out)
     with OutputSet(out):  # all or nothing: a failure or Ctrl-C removes what this call wrote, so OUT can be reused
-        return _run(out, minutes, gaussian, poisson, seed, device, progress, log, preset, crop, max_steps, samples)
+        return _run(out, minutes, gaussian, poisson, seed, device, progress, log, preset, crop, max_steps, samples,
+                    init_from)
 
 
 def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, device: str, progress: bool,
          log: Callable[[str], None], preset: str, crop: Optional[tuple[int, int]], max_steps: Optional[int],
-         samples: Optional[dict]) -> dict:
+         samples: Optional[dict], init_from: Optional[str]) -> dict:
     """run_quickstart's stages, inside its OutputSet."""
-    from .training import pick_device
 
     clock = _Clock(log)
     paths = {"out": out, "data": out / "bpae_sample", "run": out / "run", "report": out / "report",
@@ -463,7 +483,7 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
              "figure": out / "quickstart.png", "report_md": out / "quickstart.md", "summary": out / "quickstart.json"}
     dev = pick_device(device)
 
-    cfg, prepared, data_info = _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device)
+    cfg, prepared, data_info = _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from)
     val_shape, test_shape = prepared.val.inputs.shape[1:], prepared.test.inputs.shape[1:]
     budget = {"minutes": minutes}
     nm_dir = Path(tempfile.mkdtemp(prefix="denoisplit-qs-nm-"))
@@ -479,8 +499,9 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
         budget.update(train_minutes=train_min, reserve_s=round(reserve), probe_us_per_pixel_sample=per_px * 1e6)
         del prepared  # train() rebuilds the same split (deterministic); free the arrays meanwhile
 
-        clock.stage("training", f"`{preset}` preset on {dev.type} for {train_min:.1f} min (the later stages get "
-                                f"~{reserve / 60:.1f} min of the {minutes:g})")
+        start = f"fine-tuning {init_from}" if init_from else "from scratch"
+        clock.stage("training", f"`{preset}` preset, {start}, on {dev.type} for {train_min:.1f} min (the later "
+                                f"stages get ~{reserve / 60:.1f} min of the {minutes:g})")
         res = _stage_train(cfg, paths["run"], nm_files, train_min, max_steps, progress)
     finally:
         shutil.rmtree(nm_dir, ignore_errors=True)
@@ -509,7 +530,8 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
         "paths": {key: str(v) for key, v in paths.items()},
         "metrics": metrics,
         "warnings": split_warnings(metrics) + calibration_warnings(metrics),
-        "training": {"preset": preset, "device": dev.type, "steps": res.step, "minutes": res.seconds / 60,
+        "training": {"preset": preset, "init_from": init_from, "device": dev.type, "steps": res.step,
+                     "minutes": res.seconds / 60,
                      "stopped_because": res.stopped_because, "best_val_loss": res.best_val_loss},
         "data": data_info, "samples": ks, "budget": budget, "package_weights": PACKAGE_WEIGHTS,
         "package": {"halo": exp.halo, "min_size": exp.min_size, "step": exp.step, "size_bytes": exp.size_bytes},
@@ -522,13 +544,13 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
     return summary
 
 
-def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device):
+def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from):
     """[1] the clean sample -> OUT/bpae_sample/; the split and the noise exactly as training will rebuild them."""
     from .data import prepare_data
 
     clock.stage("data", "bundled BPAE sample: actin + mitochondria, synthetic noise")
     write_sample_data(paths["data"], crop)
-    cfg = _build_config(paths["data"], preset, gaussian, poisson, seed, device)
+    cfg = _build_config(paths["data"], preset, gaussian, poisson, seed, device, init_from)
     prepared = prepare_data(cfg.data, cfg.train.patch_size)
     regions = prepared.split["regions"]  # {split: [[y0, y1], [x0, x1]]}
     shape = [max(r[0][1] for r in regions.values()), max(r[1][1] for r in regions.values())]
@@ -647,7 +669,9 @@ def print_summary(summary: dict, log: Callable[[str], None] = print) -> None:
     log("")
     ks = ", ".join(f"{stage} {k}" for stage, k in summary["samples"].items())
     log(f"quickstart finished in {summary['total_seconds'] / 60:.1f} min (budget {summary['budget']['minutes']:g} "
-        f"min; {t['steps']} training steps on {t['device']}; posterior samples: {ks})")
+        f"min; {t['steps']} training steps on {t['device']}"
+        f"{', fine-tuned from ' + str(t['init_from']) if t.get('init_from') else ', from scratch'}; posterior "
+        f"samples: {ks})")
     log(f"files written in {p['out']}/:")
     for what, rel in summary["files"].items():
         log(f"  {rel:40s} {what}")

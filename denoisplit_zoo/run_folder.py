@@ -67,6 +67,12 @@ class RunPaths:
     def calibration(self) -> Path:
         return self.root / "calibration.json"
 
+    @property
+    def provenance(self) -> Path:
+        """Where the run's starting weights came from (fine-tuning) and, for bundled models, what they were trained
+        on and how they score."""
+        return self.root / "provenance.json"
+
     def is_run(self) -> bool:
         return self.config.is_file()
 

@@ -26,15 +26,9 @@ from .errors import UserError
 from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write_json, write_yaml
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
+from .pretrained import architecture_mismatch, load_init_source
 from .run_folder import RunPaths, build_model
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .runtime import pick_device
 
 
 def seed_everything(seed: int) -> None:
@@ -202,7 +196,10 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Opt
     # training steps on this project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic
     # (fixed-noise loss equal). Not measured on CUDA: left contiguous there.
     fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model = build_model(cfg).to(device, memory_format=fmt)
+    model = build_model(cfg)
+    if tc.init_from and (not resume or restart):
+        _init_weights(model, cfg, tc.init_from, paths.provenance)
+    model = model.to(device, memory_format=fmt)
     opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.lr_factor,
                                                        patience=tc.lr_patience, min_lr=1e-12)
@@ -371,6 +368,23 @@ def _append_log(log: Path, entry: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _init_weights(model, cfg: RunConfig, source: str, provenance: Path) -> None:
+    """Fine-tuning: copy the network weights of `source` (pretrained.load_init_source) into `model` and record where
+    they came from (with the weights file's sha256) in the run's provenance.json. Only weights: the optimizer, the
+    noise models and the normalisation are the new run's."""
+    src = load_init_source(source)
+    mismatch = architecture_mismatch(cfg.model, cfg.train.patch_size, src)
+    if mismatch:
+        raise UserError(f"--init-from {source}: architecture differs ({mismatch}); drop --preset / model overrides "
+                        "to take the source's")
+    try:
+        model.load_state_dict(src.state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"--init-from {source}: the weights do not fit the architecture "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    write_json(provenance, {"init_from": src.provenance()})
 
 
 def _truncate_log(log: Path, step: int) -> None:

@@ -1,0 +1,167 @@
+"""Where a fine-tuning run's starting weights come from (`train --init-from SOURCE`), and the bundled models.
+
+SOURCE is one of
+- the name of a model bundled in the repository's `weights/` folder (each one a run folder, see `bundled_models`),
+- a run folder (config.yaml + checkpoints/best.pt, else last.pt),
+- a bioimage.io zip exported by this tool (read by export.load_package_sampler: sha256 checked, tensors loaded with
+  weights_only=True, the packaged python code never imported).
+Only the network weights are taken. Noise models, normalisation, optimizer state and the data split come from the
+new run: fine-tuning on other channels, another microscope or another noise level is allowed (and stated in the
+run's provenance.json and the model card), but the architecture must be the source's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .config import ModelConfig, PresetName, load_run_config
+from .errors import UserError
+from .fileio import read_json, torch_load
+from .run_folder import RunPaths
+
+# The repository's bundled models (next to the package in a source checkout / editable install, where README's
+# set-up puts them; a wheel without them simply has none).
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# What a fine-tuning run changes in its preset's training settings: no KL warm-up (it exists to keep a randomly
+# initialised posterior from collapsing before the decoder uses the latents; a trained one already does).
+FINE_TUNE_TRAIN = {"kl_warmup_steps": 0}
+
+
+@dataclass
+class InitSource:
+    """Starting weights for a new run. `state`: LadderVAE state dict (torch tensors); `model`: its architecture."""
+
+    source: str  # what the user passed
+    kind: str  # "bundled" | "run" | "package"
+    path: Path  # the file the weights were read from
+    sha256: str  # of that file
+    model: ModelConfig
+    patch_size: int  # training patch size: the learned top prior's size depends on it
+    preset: Optional[PresetName]  # the source's preset, when it records one
+    state: dict
+    trained_on: dict  # what the source was trained on (data, channels, noise), as far as it says
+
+    def provenance(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "file": str(self.path), "sha256": self.sha256,
+                "preset": self.preset, "trained_on": self.trained_on}
+
+
+def bundled_models() -> dict[str, Path]:
+    """name -> run folder of every model in WEIGHTS_DIR (a folder with config.yaml and checkpoints/best.pt)."""
+    if not WEIGHTS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(WEIGHTS_DIR.iterdir())
+            if (p / "config.yaml").is_file() and (p / "checkpoints" / "best.pt").is_file()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_run(root: Path, source: str, kind: str) -> InitSource:
+    if not (root / "config.yaml").is_file():
+        raise UserError(f"--init-from {source}: {root} is not a run folder (no config.yaml)")
+    ckpt = next((p for p in (root / "checkpoints" / "best.pt", root / "checkpoints" / "last.pt") if p.is_file()),
+                None)
+    if ckpt is None:
+        raise UserError(f"--init-from {source}: the run {root} has no checkpoints (checkpoints/best.pt or last.pt)")
+    cfg = load_run_config(root / "config.yaml")
+    ck = torch_load(ckpt)
+    state = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"--init-from {source}: {ckpt} holds no model weights")
+    prov_path = RunPaths(root).provenance
+    prov = read_json(prov_path) if prov_path.is_file() else {}
+    trained_on = {"data": (prov.get("data") or {}).get("name") or cfg.data.path,
+                  "channels": list(cfg.data.channels), "noise": cfg.data.noise.model_dump()}
+    return InitSource(source, kind, ckpt, _sha256(ckpt), cfg.model, cfg.train.patch_size, cfg.preset, state,
+                      trained_on)
+
+
+def _from_package(path: Path, source: str) -> InitSource:
+    from .export import load_package_sampler  # the package reader pulls in the export stack: only when needed
+
+    sampler, names, _, meta = load_package_sampler(path)
+    arch = meta["architecture"]
+    try:
+        model = ModelConfig(**{k: arch[k] for k in ModelConfig.model_fields})
+        int(arch["patch_size"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"--init-from {source}: the package's architecture is not this tool's "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    training = meta.get("training") or {}
+    trained_on = {"data": training.get("data_source"), "channels": training.get("channels"),
+                  "noise": training.get("noise_protocol"), "channel_names": names}
+    preset = training.get("preset") if training.get("preset") in ("paper", "small", "tiny") else None
+    return InitSource(source, "package", path, _sha256(path), model, int(arch["patch_size"]), preset,
+                      sampler.vae.state_dict(), trained_on)
+
+
+def load_init_source(source: str) -> InitSource:
+    """Resolve SOURCE (module docstring); one-line UserError naming the problem and the choices otherwise."""
+    bundled = bundled_models()
+    if source in bundled:
+        return _from_run(bundled[source], source, "bundled")
+    path = Path(source)
+    if path.is_dir():
+        return _from_run(path, source, "run")
+    if path.is_file():
+        if path.suffix.lower() != ".zip":
+            raise UserError(f"--init-from {source}: expected a run folder, a .zip package exported by "
+                            f"denoisplit-zoo, or a bundled model ({', '.join(bundled) or 'none bundled'})")
+        return _from_package(path, source)
+    raise UserError(f"--init-from {source}: no such run folder, package or bundled model (bundled: "
+                    f"{', '.join(bundled) or 'none'})")
+
+
+def architecture_mismatch(model: ModelConfig, patch_size: int, source: InitSource) -> Optional[str]:
+    """The first architecture key where (model, patch_size) differs from the source's, as
+    'key: config VALUE vs source VALUE'; None when they agree."""
+    for key in ModelConfig.model_fields:
+        mine, theirs = getattr(model, key), getattr(source.model, key)
+        if mine != theirs:
+            return f"model.{key}: config {mine!r} vs source {theirs!r}"
+    if patch_size != source.patch_size:
+        return f"train.patch_size: config {patch_size} vs source {source.patch_size}"
+    return None
+
+
+def fine_tune_overrides(src: InitSource, take_architecture: bool = True) -> dict:
+    """Config overrides (build_run_config's `overrides` shape) for a run that starts from `src`: its architecture and
+    patch size (unless the caller chose them: then `architecture_mismatch` checks they agree), FINE_TUNE_TRAIN, and
+    train.init_from. Merge them under the caller's own train keys (setdefault), which win."""
+    train = {**FINE_TUNE_TRAIN, "init_from": src.source}
+    if not take_architecture:
+        return {"train": train}
+    return {"model": src.model.model_dump(), "train": {"patch_size": src.patch_size, **train}}
+
+
+def describe_bundled() -> list[dict]:
+    """One row per bundled model for `denoisplit-zoo models`: name, preset, loss, data, channel names, noise, test
+    RI-PSNR per channel and split gain over the floors (report/metrics.json, when the model ships one)."""
+    rows = []
+    for name, root in bundled_models().items():
+        cfg = load_run_config(root / "config.yaml")
+        paths = RunPaths(root)
+        prov = read_json(paths.provenance) if paths.provenance.is_file() else {}
+        metrics_path = root / "report" / "metrics.json"
+        metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+        data = prov.get("data") or {}
+        noise = cfg.data.noise
+        rows.append({
+            "name": name, "preset": cfg.preset, "loss": cfg.train.loss,
+            "data": (data.get("name") or cfg.data.path).split(";")[0].split(",")[0],
+            "channels": list((data.get("channels") or {}).keys()) or list(cfg.data.channels),
+            "noise": "real" if not (noise.gaussian or noise.poisson)
+            else f"Gaussian x{noise.gaussian:g} + Poisson x{noise.poisson:g}",
+            "ri_psnr": metrics.get("ri_psnr"), "split_gain": metrics.get("split_gain"),
+            "split_status": metrics.get("split_status"),
+            "steps": (prov.get("training") or {}).get("steps")})
+    return rows
