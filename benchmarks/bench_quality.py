@@ -186,6 +186,8 @@ def main():
                     help="resume cached trainings that stopped at fewer than --steps to --steps (exact resume from "
                          "their last checkpoint), then calibrate and evaluate again; the earlier numbers are kept "
                          "in the row's `history`")
+    ap.add_argument("--assemble", action="store_true",
+                    help="only build the table from cached results (no training; missing rows are listed)")
     ap.add_argument("--samples", type=int, default=20, help="posterior samples K for calibration and evaluation")
     ap.add_argument("--max-images", type=int, help="evaluate / calibrate on at most this many fields")
     ap.add_argument("--calibration-images", type=int, help="calibrate on at most this many validation fields "
@@ -215,7 +217,7 @@ def main():
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     todo = settings(args)
-    if args.jobs > 1 and not args.part:
+    if args.jobs > 1 and not args.part and not args.assemble:
         run_parts(args.jobs)  # every setting's results are then cached: the loop below only assembles the table
     pairs = [(st, m) for st in todo for m in args.losses]
     if args.part:
@@ -231,7 +233,10 @@ def main():
         run_dir = out / "runs" / f"{st['name']}_{method}"
         cached = json.loads(res_path.read_text()) if res_path.is_file() else None
         extend = cached is not None and method not in FLOORS and extendable(args, cached, run_dir)
-        if cached is not None and not extend:
+        if cached is None and args.assemble:
+            print(f"{st['name']:18s} {method:10s} (not run)", flush=True)
+            continue
+        if cached is not None and (not extend or args.assemble):
             r = cached
             print(f"{st['name']:18s} {method:10s} (cached) RI-PSNR {r['ri_psnr_mean']:.2f}", flush=True)
         else:
@@ -282,12 +287,15 @@ def main():
         ("split gain A", "split_gain_A", 2),
         ("split gain B", "split_gain_B", 2), ("verdict", "verdict", 0), ("r(error, input noise)", "noise_carried", 2),
         ("MS-SSIM mean", "ms_ssim_mean", 4),
-        ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0), ("test fields", "n_images", 0)])
+        ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0), ("K", "samples", 0),
+        ("test fields", "n_images", 0)])
     if args.part:
         return
     print()
-    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
-    print(f"Quality on W2S test fields, preset {args.preset}, {budget} per training, K = {args.samples}")
+    budget = "steps and K as listed per row" if args.assemble else \
+        f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"Quality on W2S test fields, preset {args.preset}, {budget}"
+          + ("" if args.assemble else f" per training, K = {args.samples}"))
     print(table)
     summary = {"benchmark": "quality", "machine": C.machine_info(device), "threads": threads, "preset": args.preset,
                "minutes": args.minutes, "steps": args.steps, "early_stop_patience": args.early_stop_patience,

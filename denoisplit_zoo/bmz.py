@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 from .fileio import atomic_path, read_json, read_yaml
 from .metrics import describe_split
+from .package import layout as L
 
 # ops deepImageJ (JDLL) maps to Java classes; anything else ("custom", softmax, ...) fails there
 DEEPIMAGEJ_OPS = {"binarize", "clip", "ensure_dtype", "fixed_zero_mean_unit_variance", "scale_linear", "scale_range",
@@ -428,9 +429,8 @@ def _references(cite: list[dict]) -> str:
 
 def render_model_card(ctx: PackageContext, meta: dict, figure: Optional[str], metrics: Optional[dict]) -> str:
     """README.md from rdf_templates/model_card.md (string.Template: missing keys are an error, not blank text)."""
-    from .export import postprocessing_gain_offset
 
-    gain, offset = postprocessing_gain_offset(ctx.run.norm)
+    gain, offset = L.postprocessing_gain_offset(ctx.run.norm)
     values = {**_values(ctx), "name": meta["name"], "description": meta["description"],
               "seed": ctx.kwargs["seed"], "noise": "counter-hash" if ctx.kwargs["noise"] else "off (posterior means)",
               "input_mean": f"{ctx.run.norm.input_mean:.6g}", "input_std": f"{ctx.run.norm.input_std:.6g}",
@@ -470,7 +470,6 @@ def build_model_descr(ctx: PackageContext):
         SizeReference, SpaceInputAxis, SpaceOutputAxisWithHalo, TensorId, TorchscriptWeightsDescr, Version,
         WeightsDescr)
 
-    from . import export as ex
 
     w = ctx.workdir
     meta = _metadata(ctx)
@@ -486,48 +485,48 @@ def build_model_descr(ctx: PackageContext):
     (w / "training_config.yaml").write_text(ctx.run.paths.config.read_text())
     attachments.append(FileDescr(source=w / "training_config.yaml"))
     a, b = ctx.channel_names
-    make_cover(ctx.test_input, ctx.test_output, [a, b], w / "cover.png")
+    make_cover(ctx.test_input, ctx.test_output, [a, b], w / L.COVER_FILE)
     # sample tensors (FAIR: an imageio-readable example for humans) = the test tensors as TIFF, batch dropped
     import tifffile
 
-    tifffile.imwrite(w / "sample_input.tif", ctx.test_input[0, 0])
+    tifffile.imwrite(w / L.SAMPLE_INPUT_FILE, ctx.test_input[0, 0])
     tifffile.imwrite(w / "sample_output.tif", ctx.test_output[0])
     (w / "README.md").write_text(render_model_card(ctx, meta, figure, metrics), encoding="utf-8")
 
     norm = ctx.run.norm
-    gain, offset = ex.postprocessing_gain_offset(norm)
+    gain, offset = L.postprocessing_gain_offset(norm)
     torch_version = Version(torch.__version__.split("+")[0])
     yx = [AxisId("y"), AxisId("x")]
     inp = InputTensorDescr(
-        id=TensorId(ex.INPUT_NAME),
+        id=TensorId(L.INPUT_NAME),
         description=f"one noisy image of {a} + {b} imaged together, raw intensity",
         axes=[BatchAxis(), ChannelAxis(channel_names=["mixed"]),
               *[SpaceInputAxis(id=ax, size=ParameterizedSize(min=ctx.min_size, step=ctx.step)) for ax in yx]],
-        test_tensor=FileDescr(source=w / ex.TEST_INPUT_FILE), sample_tensor=FileDescr(source=w / "sample_input.tif"),
+        test_tensor=FileDescr(source=w / L.TEST_INPUT_FILE), sample_tensor=FileDescr(source=w / L.SAMPLE_INPUT_FILE),
         data=IntervalOrRatioDataDescr(type="float32"),
         preprocessing=[FixedZeroMeanUnitVarianceDescr(kwargs=FixedZeroMeanUnitVarianceKwargs(
             mean=float(norm.input_mean), std=float(norm.input_std)))])
     out = OutputTensorDescr(
-        id=TensorId(ex.OUTPUT_NAME),
+        id=TensorId(L.OUTPUT_NAME),
         description=f"MMSE estimates of {a} and {b} and their {_values(ctx)['std_kind']} posterior std "
                     f"({ctx.kwargs['n_samples']} samples), raw intensity",
         axes=[BatchAxis(), ChannelAxis(channel_names=[f"{a}_mean", f"{b}_mean", f"{a}_std", f"{b}_std"]),
               *[SpaceOutputAxisWithHalo(id=ax, halo=ctx.halo,
-                                        size=SizeReference(tensor_id=TensorId(ex.INPUT_NAME), axis_id=ax))
+                                        size=SizeReference(tensor_id=TensorId(L.INPUT_NAME), axis_id=ax))
                 for ax in yx]],
-        test_tensor=FileDescr(source=w / ex.TEST_OUTPUT_FILE),
+        test_tensor=FileDescr(source=w / L.TEST_OUTPUT_FILE),
         sample_tensor=FileDescr(source=w / "sample_output.tif"),
         data=IntervalOrRatioDataDescr(type="float32"),
         postprocessing=[ScaleLinearDescr(kwargs=ScaleLinearAlongAxisKwargs(
             axis=AxisId("channel"), gain=gain, offset=offset))])
     weights = WeightsDescr(
         pytorch_state_dict=PytorchStateDictWeightsDescr(
-            source=w / ex.STATE_DICT_FILE, pytorch_version=torch_version,
-            architecture=ArchitectureFromFileDescr(source=w / ex.ARCHITECTURE_FILE, callable="SplitSampler",
+            source=w / L.STATE_DICT_FILE, pytorch_version=torch_version,
+            architecture=ArchitectureFromFileDescr(source=w / L.ARCHITECTURE_FILE, callable="SplitSampler",
                                                    kwargs=dict(ctx.kwargs))),
-        torchscript=TorchscriptWeightsDescr(source=w / ex.TORCHSCRIPT_FILE, parent="pytorch_state_dict",
+        torchscript=TorchscriptWeightsDescr(source=w / L.TORCHSCRIPT_FILE, parent="pytorch_state_dict",
                                             pytorch_version=torch_version),
-        onnx=OnnxWeightsDescr(source=w / ex.ONNX_FILE, opset_version=ex.ONNX_OPSET, parent="pytorch_state_dict"))
+        onnx=OnnxWeightsDescr(source=w / L.ONNX_FILE, opset_version=L.ONNX_OPSET, parent="pytorch_state_dict"))
     extra: dict = {}
     td = ctx.recipe.training_data
     if td and td.zoo_id:
@@ -541,7 +540,7 @@ def build_model_descr(ctx: PackageContext):
             name=meta["name"], description=meta["description"],
             authors=[Author(**a) for a in meta["authors"]],
             cite=[CiteEntry(**c) for c in meta["cite"]], license=meta["license"], tags=meta["tags"],
-            documentation=FileDescr(source=w / "README.md"), covers=[FileDescr(source=w / "cover.png")],
+            documentation=FileDescr(source=w / "README.md"), covers=[FileDescr(source=w / L.COVER_FILE)],
             attachments=attachments, inputs=[inp], outputs=[out], weights=weights,
             config=Config(bioimageio=BioimageioConfig(architecture_type="LadderVAE (hierarchical VAE)"),
                           denoisplit=denoisplit_config(ctx)),

@@ -31,26 +31,11 @@ import torch
 from .calibration import MIN_SCALE, resolve_data_path
 from .errors import UserError
 from .model import LadderVAE, SplitSampler
-
-# File names inside the package (flat: bioimage.io packages are one folder).
-STATE_DICT_FILE = "weights.pt"
-TORCHSCRIPT_FILE = "weights_torchscript.pt"
-ONNX_FILE = "weights.onnx"
-ARCHITECTURE_FILE = "model.py"
-TEST_INPUT_FILE = "test_input.npy"
-TEST_OUTPUT_FILE = "test_output.npy"
-
-ONNX_OPSET = 17  # legacy exporter: opset 17 -> IR 8, the newest onnxruntime-java 1.12/1.13 (deepImageJ) loads
-MAX_ONNX_IR = 8
-DEFAULT_SAMPLES = 16
-DEFAULT_SEED = 42
-INPUT_NAME = "input"
-OUTPUT_NAME = "prediction"
-
-# SplitSampler's constructor arguments: the only keys a package's config.denoisplit.architecture may hold.
-_ARCH_KEYS = ("n_levels", "z_dim", "n_filters", "dropout", "out_channels", "patch_size", "n_samples", "seed", "noise",
-              "n_gaussians", "n_coeffs")
-
+# the package contract (file names, tensor ids, opset, ...) is package/layout.py's; the names are re-exported here
+# because the writer and its tests use them
+from .package.layout import (ARCH_KEYS, ARCHITECTURE_FILE, INPUT_NAME, MAX_ONNX_IR, ONNX_FILE,  # noqa: F401
+                             ONNX_OPSET, OUTPUT_NAME, PACKAGE_SAMPLES, PACKAGE_SEED, STATE_DICT_FILE, TEST_INPUT_FILE,
+                             TEST_OUTPUT_FILE, TORCHSCRIPT_FILE, min_input_size, postprocessing_gain_offset)
 
 # ---------------------------------------------------------------------------------------------------- the module
 def architecture_kwargs(run, n_samples: int, seed: int, noise: bool = True) -> dict:
@@ -62,7 +47,7 @@ def architecture_kwargs(run, n_samples: int, seed: int, noise: bool = True) -> d
                 n_coeffs=cfg.noise_model.n_coeffs)
 
 
-def export_sampler(run, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, noise: bool = True) -> SplitSampler:
+def export_sampler(run, n_samples: int = PACKAGE_SAMPLES, seed: int = PACKAGE_SEED, noise: bool = True) -> SplitSampler:
     """The module the package ships, built from `architecture_kwargs` (so the declared kwargs are proven to rebuild
     it: strict load of the run's sampler state) with every buffer filled. Eval mode."""
     if n_samples < 1:
@@ -81,11 +66,6 @@ def package_halo(model: LadderVAE) -> int:
 
     step = 2**model.n_levels
     return -(-int(measure_halo(model)) // step) * step
-
-
-def min_input_size(halo: int, step: int) -> int:
-    """Smallest valid y/x size: bioimage.io requires min - 2*halo >= 1; sizes must be multiples of `step`."""
-    return 2 * halo + step
 
 
 # ------------------------------------------------------------------------------------------------------ weights
@@ -186,13 +166,6 @@ def make_test_input(run, size: int) -> tuple[np.ndarray, str]:
     return fitted[None, None].astype(np.float32), where
 
 
-def postprocessing_gain_offset(norm) -> tuple[list[float], list[float]]:
-    """Per-channel scale_linear that turns the module output into raw units: means x*sigma+mu, stds x*sigma."""
-    sa, sb = (float(v) for v in norm.target_std)
-    ma, mb = (float(v) for v in norm.target_mean)
-    return [sa, sb, sa, sb], [ma, mb, 0.0, 0.0]
-
-
 # bioimageio.core's fixed_zero_mean_unit_variance divides by (std + eps); mirrored so test outputs match it exactly.
 _ZMUV_EPS = 1e-6
 
@@ -251,8 +224,8 @@ def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Option
                         "(it now falls back to the posterior std when the estimate is unreliable) or pass "
                         "--allow-collapsed-calibration")
     rec = rec or bmz.Recipe()
-    k = n_samples if n_samples is not None else (rec.n_samples or DEFAULT_SAMPLES)
-    s = seed if seed is not None else (rec.seed if rec.seed is not None else DEFAULT_SEED)
+    k = n_samples if n_samples is not None else (rec.n_samples or PACKAGE_SAMPLES)
+    s = seed if seed is not None else (rec.seed if rec.seed is not None else PACKAGE_SEED)
     sampler = export_sampler(run, k, s, noise)
     step = 2**run.config.model.n_levels
     halo = package_halo(run.model)
@@ -392,7 +365,7 @@ def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Option
         _check_listed_files(zf, rdf, zip_path, skip=source)
 
     kwargs = dict(den["architecture"])
-    unknown = sorted(set(kwargs) - set(_ARCH_KEYS))
+    unknown = sorted(set(kwargs) - set(ARCH_KEYS))
     if unknown:
         raise UserError(f"{zip_path}: unknown architecture keys {unknown}")
     if n_samples is not None:

@@ -26,6 +26,8 @@ import tifffile
 import torch
 import yaml
 
+from denoisplit_zoo.package import layout as L
+
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic import two_structures  # noqa: E402
 
@@ -143,10 +145,11 @@ def write_packages(root: Path, run: Path) -> Path:
                 z.writestr(n, data)
 
     variant("no_rdf.zip", lambda m: m.pop("rdf.yaml"))
-    variant("tampered_weights.zip", lambda m: m.update({"weights.pt": _retensor(m["weights.pt"])}))
-    variant("tampered_code.zip", lambda m: m.update({"model.py": m["model.py"] + b"\nimport os  # injected\n"}))
+    variant("tampered_weights.zip", lambda m: m.update({L.STATE_DICT_FILE: _retensor(m[L.STATE_DICT_FILE])}))
+    variant("tampered_code.zip",
+            lambda m: m.update({L.ARCHITECTURE_FILE: m[L.ARCHITECTURE_FILE] + b"\nimport os  # injected\n"}))
     variant("zip_slip.zip", lambda m: m.update({"../../evil.py": b"print('escaped')\n"}))
-    variant("missing_weights.zip", lambda m: m.pop("weights.pt"))
+    variant("missing_weights.zip", lambda m: m.pop(L.STATE_DICT_FILE))
     variant("rdf_not_ours.zip", lambda m: m.update({"rdf.yaml": b"type: model\nname: someone else's model\n"}))
     (pkg / "garbage.zip").write_bytes(b"PK\x03\x04 not really a zip" * 5)
     data = good.read_bytes()
@@ -178,23 +181,24 @@ def make_package(run: Path, out: Path, n_samples: int = 3, seed: int = 5, format
     files: dict[str, bytes] = {}
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in sampler.state_dict().items()}, buf)
-    files["weights.pt"] = buf.getvalue()
-    files["model.py"] = (Path(ex.__file__).with_name("model.py")).read_bytes()
+    files[L.STATE_DICT_FILE] = buf.getvalue()
+    files[L.ARCHITECTURE_FILE] = (Path(ex.__file__).with_name("model.py")).read_bytes()
     kwargs = ex.architecture_kwargs(r, n_samples, seed)
-    weights = {"pytorch_state_dict": {"source": "weights.pt", "sha256": _sha(files["weights.pt"]),
-                                      "architecture": {"source": "model.py", "sha256": _sha(files["model.py"]),
+    weights = {"pytorch_state_dict": {"source": L.STATE_DICT_FILE, "sha256": _sha(files[L.STATE_DICT_FILE]),
+                                      "architecture": {"source": L.ARCHITECTURE_FILE,
+                                                       "sha256": _sha(files[L.ARCHITECTURE_FILE]),
                                                        "callable": "SplitSampler", "kwargs": kwargs}}}
     if "torchscript" in formats:
         buf = io.BytesIO()
         torch.jit.save(torch.jit.script(sampler), buf)
-        files[ex.TORCHSCRIPT_FILE] = buf.getvalue()
-        weights["torchscript"] = {"source": ex.TORCHSCRIPT_FILE, "sha256": _sha(files[ex.TORCHSCRIPT_FILE])}
+        files[L.TORCHSCRIPT_FILE] = buf.getvalue()
+        weights["torchscript"] = {"source": L.TORCHSCRIPT_FILE, "sha256": _sha(files[L.TORCHSCRIPT_FILE])}
     if "onnx" in formats:
         tmp = out.with_suffix(".onnx.tmp")
         ex.save_onnx(sampler, tmp, torch.zeros(1, 1, 64, 64))
-        files[ex.ONNX_FILE] = tmp.read_bytes()
+        files[L.ONNX_FILE] = tmp.read_bytes()
         tmp.unlink()
-        weights["onnx"] = {"source": ex.ONNX_FILE, "sha256": _sha(files[ex.ONNX_FILE]), "opset_version": ex.ONNX_OPSET}
+        weights["onnx"] = {"source": L.ONNX_FILE, "sha256": _sha(files[L.ONNX_FILE]), "opset_version": L.ONNX_OPSET}
     rdf = {"format_version": "0.5.4", "type": "model", "name": "minimal test package", "weights": weights,
            "config": {"denoisplit": {"architecture": kwargs, "normalization": r.norm.to_dict(),
                                      "channel_names": list(r.channel_names), "halo": 64}}}

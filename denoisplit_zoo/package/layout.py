@@ -1,0 +1,44 @@
+"""What a denoisplit-zoo package zip holds and how its tensors are named: the contract between the writer, the rdf
+description, the reader and every consumer (bioimageio.core, deepImageJ, ilastik). Nothing here imports torch or
+bioimageio, so any side can import it."""
+
+from __future__ import annotations
+
+# File names inside the package (flat: bioimage.io packages are one folder).
+STATE_DICT_FILE = "weights.pt"
+TORCHSCRIPT_FILE = "weights_torchscript.pt"
+ONNX_FILE = "weights.onnx"
+ARCHITECTURE_FILE = "model.py"
+TEST_INPUT_FILE = "test_input.npy"
+TEST_OUTPUT_FILE = "test_output.npy"
+SAMPLE_INPUT_FILE = "sample_input.tif"
+COVER_FILE = "cover.png"
+
+ONNX_OPSET = 17  # legacy exporter: opset 17 -> IR 8, the newest onnxruntime-java 1.12/1.13 (deepImageJ) loads
+MAX_ONNX_IR = 8
+
+# The exported module's posterior samples and seed when the recipe / CLI do not say (K = 16: the CPU cost of a
+# zoo-side prediction stays in seconds; evaluation uses the paper's 50, calibration.DEFAULT_SAMPLES).
+PACKAGE_SAMPLES = 16
+PACKAGE_SEED = 42
+
+# Tensor ids: one input (B, 1, Y, X) raw intensities; one output (B, 4, Y, X) = MMSE A, MMSE B, std A, std B (raw).
+INPUT_NAME = "input"
+OUTPUT_NAME = "prediction"
+
+# SplitSampler's constructor arguments: the only keys a package's config.denoisplit.architecture may hold.
+ARCH_KEYS = ("n_levels", "z_dim", "n_filters", "dropout", "out_channels", "patch_size", "n_samples", "seed", "noise",
+             "n_gaussians", "n_coeffs")
+
+
+def postprocessing_gain_offset(norm) -> tuple[list[float], list[float]]:
+    """Per-channel scale_linear that turns the module output (normalised target units) into raw units, for a
+    data.Normalization `norm`: means x * sigma + mu, stds x * sigma."""
+    sa, sb = (float(v) for v in norm.target_std)
+    ma, mb = (float(v) for v in norm.target_mean)
+    return [sa, sb, sa, sb], [ma, mb, 0.0, 0.0]
+
+
+def min_input_size(halo: int, step: int) -> int:
+    """Smallest valid y/x size: bioimage.io requires min - 2*halo >= 1; sizes must be multiples of `step`."""
+    return 2 * halo + step
