@@ -1,9 +1,10 @@
 """Inference benchmark: the reference procedure vs ours, same trained architecture, same K, same images.
 
-(a) `ref`: the denoiSplit reference inference (docs/denoisplit_reference.md section 6): 128 x 128 tiles centred on a
-    64-px grid (32 px margin per side), reflect padding at the frame border, only the central 64 x 64 of each tile
-    kept, K FULL network passes (bottom-up + top-down, torch.randn latents) per batch of tiles, eager PyTorch, as
-    the public code runs it (contiguous NCHW, the default allocator).
+(a) `ref`: the denoiSplit reference inference (the tiled inference of the paper's public code,
+    github.com/juglab/denoiSplit): 128 x 128 tiles centred on a 64-px grid (32 px margin per side), reflect
+    padding at the frame border, only the central 64 x 64 of each tile kept, K FULL network passes (bottom-up +
+    top-down, torch.randn latents) per batch of tiles, eager PyTorch, as the public code runs it (contiguous
+    NCHW, the default allocator).
     `ref-tuned`: the same procedure with our two CPU run-time settings (NHWC, heap-reused activations:
     sampling.cpu_channels_last, allocator.heap_allocations), to show what those alone give the reference.
 (b) ours, `sampling.predict_image`: bottom-up once per tile, the K top-down passes batched (auto chunk), large

@@ -1,8 +1,8 @@
 """bioimage.io packaging: release recipes, the model description (bioimageio.spec 0.5.12 builders), cover, model card,
 saving, the offline self-test (bioimageio.core 0.11 `test_model`) and upload (bioimageio.spec's own `upload`).
 
-Contract (design.md): one input `input` (b, c=1, y, x; ParameterizedSize(min, step=2**n_levels)), one output
-`prediction` (b, c=4: <A>_mean, <B>_mean, <A>_std, <B>_std; SpaceOutputAxisWithHalo). Single input AND single output
+Contract (docs/contracts.md, package/layout.py): one input `input` (b, c=1, y, x; ParameterizedSize(min,
+step=2**n_levels)), one output `prediction` (b, c=4: <A>_mean, <B>_mean, <A>_std, <B>_std; SpaceOutputAxisWithHalo). Single input AND single output
 so ilastik accepts it; processing only with ops deepImageJ implements (fixed_zero_mean_unit_variance, scale_linear).
 No remote URLs and no `github_user` in the rdf: validation would go online and the self-test must run offline.
 

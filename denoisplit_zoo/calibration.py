@@ -1,4 +1,4 @@
-"""Calibration of the posterior sample std: one scale per channel (denoiSplit, reference section 7.1).
+"""Calibration of the posterior sample std: one scale per channel (the denoiSplit paper, section 4.4).
 
 The sample std sigma of the K posterior samples is only proportional to the error of the MMSE estimate; `calibrate`
 finds, per channel, the scale s such that s * sigma best explains that error under a Gaussian likelihood, on the
@@ -196,8 +196,9 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
 
     Returns {name: {scale, optimal_scale, slope, offset, r2, n_pixels, rmv, rmse, count}} (reliability of
     scale * std). A fit (scales None) adds `method`, `reliable`, `interval`, `noise_to_error`, `sensitivity_2pct`
-    (`scale_check`), for a noisy reference `mle_scale` (`fit_scale_mle`, the comparison estimator) and, for a noisy reference whose scale is not reliable, uses FALLBACK_SCALE instead of the
-    estimate (kept as `optimal_scale`): never a silently collapsed channel."""
+    (`scale_check`), for a noisy reference `mle_scale` (`fit_scale_mle`, the comparison estimator) and, for a
+    noisy reference whose scale is not reliable, uses FALLBACK_SCALE instead of the estimate (kept as
+    `optimal_scale`): never a silently collapsed channel."""
     out = {}
     for c, name in enumerate(names):
         err2 = (np.asarray(mean[:, c], np.float64) - target[:, c]) ** 2
@@ -262,13 +263,11 @@ def clean_on_target_scale(clean: np.ndarray, noisy: np.ndarray, noise_kind: str)
 
 def plot_calibration(channels: dict, path, title: str = "calibration") -> None:
     """RMSE vs RMV per channel (equal-count bins, calibrated std) with the y = x line; PNG written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
     names = list(channels)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(names), 4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         ch = channels[name]
         rmv, rmse = np.array(ch["rmv"]), np.array(ch["rmse"])
@@ -286,7 +285,6 @@ def plot_calibration(channels: dict, path, title: str = "calibration") -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- with a run

@@ -19,7 +19,8 @@ PresetName = Literal["paper", "small", "tiny"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # unknown keys, inf and nan are errors: a typo or a `.inf` in a YAML file must not become a silent setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -103,7 +104,6 @@ class TrainConfig(_Strict):
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
     max_epochs: int = Field(400, ge=1)
-    num_workers: int = Field(0, ge=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16/fp16 autocast on CUDA (the likelihood always stays fp32)")
@@ -202,10 +202,20 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: {where}: {msg}") from None
 
 
+# Keys that run folders written by earlier versions hold but that no longer exist (they never did anything):
+# dropped when such a run is loaded, still refused in a user's --config.
+_RETIRED_KEYS = {"train": ("num_workers",)}
+
+
 def load_run_config(path: str | Path) -> RunConfig:
+    """A run folder's config.yaml (written by `train`)."""
     from .fileio import read_yaml
 
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping")
+    for section, keys in _RETIRED_KEYS.items():
+        if isinstance(raw.get(section), dict):
+            for key in keys:
+                raw[section].pop(key, None)
     return validate_config(raw, source=str(path))

@@ -4,7 +4,7 @@ Units: every array here is float32 in RAW intensity units (camera counts / file 
 "normalised". The model input is the SUM of the two noisy channels (a superimposed image is physically a sum); the
 model sees it normalised, while targets stay raw because the noise models and the likelihood work in raw units.
 
-Accepted `--data` layouts (see docs/design.md):
+Accepted `--data` layouts (docs/contracts.md):
 1. `.npz` with `clean` and/or `noisy`, each (N, C, Y, X) or (C, Y, X); `channels` picks two of C.
 2. A folder with one sub-folder per channel holding TIFFs with matching names (clean data), or `clean/` and `noisy/`
    sub-folders each laid out that way. A flat folder of TIFFs is read as one stack per channel (file = channel).

@@ -94,15 +94,13 @@ def _crop_box(h: int, w: int, size: int = CROP) -> tuple[slice, slice]:
 def plot_examples(inputs, mean, std, reference, names: list[str], path, reference_kind: str) -> None:
     """Rows = up to 3 images; columns = input | A | B | target A | target B | uncertainty A | uncertainty B (central
     crops of at most 256 px). Prediction and target of a channel share one colour range (the target's 1-99.5 %)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
     n = min(N_FIGURE_IMAGES, len(inputs))
     cols = ["input", f"{names[0]} (MMSE)", f"{names[1]} (MMSE)", f"{names[0]} ({reference_kind})",
             f"{names[1]} ({reference_kind})", f"{names[0]} std", f"{names[1]} std"]
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.1 * len(cols), 2.2 * n), squeeze=False)
+    fig = Figure(figsize=(2.1 * len(cols), 2.2 * n))
+    axes = fig.subplots(n, len(cols), squeeze=False)
     for r in range(n):
         box = _crop_box(*inputs[r].shape)
         panels = [inputs[r][box], mean[r, 0][box], mean[r, 1][box], reference[r, 0][box], reference[r, 1][box],
@@ -121,7 +119,6 @@ def plot_examples(inputs, mean, std, reference, names: list[str], path, referenc
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- report

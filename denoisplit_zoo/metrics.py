@@ -1,4 +1,4 @@
-"""Image-quality metrics of the paper's evaluation (reference section 6): range-invariant PSNR, MS-SSIM, MicroSSIM.
+"""Image-quality metrics of the paper's evaluation (the denoiSplit paper, section 5.3): range-invariant PSNR, MS-SSIM, MicroSSIM.
 
 All functions take one channel: a frame (Y, X) or a stack of frames (N, Y, X), ground truth first, in any units
 (raw or normalised: RI-PSNR and MicroSSIM are range invariant; MS-SSIM uses the ground truth's range).

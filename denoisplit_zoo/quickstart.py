@@ -43,7 +43,7 @@ from .metrics import describe_split
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
 CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
 
-# The paper's protocol (design.md): per channel x <- Poisson(x / F) * F, then Gaussian noise of std
+# The paper's protocol (docs/contracts.md): per channel x <- Poisson(x / F) * F, then Gaussian noise of std
 # GAUSSIAN x std(mean of the two clean channels). F = 1 treats a camera count as one detected photon: the sample's
 # gain is not documented, and F = 1 is the paper's own setting. The Gaussian term dominates anyway: its std is
 # ~4,200 counts per channel (2 x 2,091) against a Poisson std of at most sqrt(43,479) ~ 210. Because the std is
@@ -301,10 +301,7 @@ def plot_quickstart(noisy: np.ndarray, pred: np.ndarray, clean: np.ndarray, path
     """Held-out region side by side: noisy input | actin, mito predicted | actin, mito clean | actin, mito std.
     noisy (Y, X), pred (4, Y, X) = means then stds, clean (2, Y, X), raw counts. A structure's prediction and clean
     image share one grey range (the clean image's 1-99.5 %) so brightness is comparable."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook user's backend stays as it is
 
     a, b = CHANNELS
     panels = [(noisy, "noisy input (sum)", "gray", np.percentile(noisy, [1, 99.5])),
@@ -316,7 +313,8 @@ def plot_quickstart(noisy: np.ndarray, pred: np.ndarray, clean: np.ndarray, path
               (pred[3], f"{b} uncertainty (std)", "magma", (0, np.percentile(pred[3], 99.5)))]
     h, w = noisy.shape
     panel_w = 2.0
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_w * len(panels), panel_w * h / w * 0.92 + 0.7))
+    fig = Figure(figsize=(panel_w * len(panels), panel_w * h / w * 0.92 + 0.7))
+    axes = fig.subplots(1, len(panels))
     for ax, (img, label, cmap, (lo, hi)) in zip(axes, panels):
         ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
         ax.set_title(label, fontsize=8)
@@ -326,7 +324,6 @@ def plot_quickstart(noisy: np.ndarray, pred: np.ndarray, clean: np.ndarray, path
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # keep the title clear of the panel titles
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def _f(v, digits: int = 2) -> str:
@@ -451,7 +448,7 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, po
                    crop: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,
                    samples: Optional[dict] = None, init_from: Optional[str] = None) -> dict:
     """Run the whole quickstart into `out` (missing or empty) in about `minutes` of wall time (see the module
-    docstring); `gaussian` / `poisson` set the synthetic noise (design.md protocol).
+    docstring); `gaussian` / `poisson` set the synthetic noise (docs/contracts.md protocol).
 
     `init_from`: fine-tune from these weights (a bundled model's name, a run folder or an exported zip; see
     pretrained.py) instead of training from random ones.

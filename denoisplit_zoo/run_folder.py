@@ -1,4 +1,4 @@
-"""The run folder contract (design.md) and loading a trained run for the later stages.
+"""The run folder contract (docs/contracts.md) and loading a trained run for the later stages.
 
 RUN_DIR/
   config.yaml          full resolved RunConfig

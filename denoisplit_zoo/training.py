@@ -131,7 +131,7 @@ def _prepare_run_dir(out: Path, resume: bool) -> RunPaths:
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_files: Optional[list[str]] = None,
           progress: bool = True) -> TrainResult:
-    """Train a run into `out` (design.md run folder). With resume=True, `cfg` is replaced by the run's config
+    """Train a run into `out` (docs/contracts.md run folder). With resume=True, `cfg` is replaced by the run's config
     except for the stopping limits (max_steps / max_minutes), which the caller may extend.
 
     Crash safety: every file is written atomically (temp file + fsync + rename) and checkpoints/last.pt holds

@@ -41,7 +41,7 @@ def test_evaluate_test_split_writes_report(tiny_run, tmp_path):
     assert m["ri_psnr_mean"] == pytest.approx(np.mean([m["ri_psnr"][n] for n in names]))
     report = (rep / "report.md").read_text()
     assert "RI-PSNR" in report and "examples.png" in report and "calibration.png" in report
-    # the floors beside the model, the gain over the better one, and the verdict in words (design.md additions)
+    # the floors beside the model, the gain over the better one, and the verdict in words (docs/contracts.md)
     fl = m["floors"]
     assert set(fl) == {"naive", "no_split"} and set(fl["naive"]) == set(fl["no_split"]) == {*names, "mean"}
     for n in names:
