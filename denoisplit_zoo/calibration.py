@@ -40,12 +40,12 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
-from .runtime import pick_device
 from .fileio import atomic_path, write_json
+from .runtime import pick_device
 
 DEFAULT_BINS = 30
-DEFAULT_SAMPLES = 50  # the paper's evaluation (mmse_count 50)
 _MIN_SCALE2 = 1e-12
 MIN_SCALE = _MIN_SCALE2**0.5  # the clip floor of a fitted scale: a channel there has no usable uncertainty
 
@@ -352,8 +352,8 @@ def input_gain(sampler, inputs: np.ndarray, norm, tile: int, halo: int, chunk: O
     return uniform_filter((d / probes).astype(np.float32), size=(1, 1, smooth, smooth), mode="reflect")
 
 
-def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
-                    bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
+def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
+                    bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = DEFAULT_TILE,
                     max_images: Optional[int] = None, chunk: Optional[int] = None, progress: bool = True,
                     device: str = "auto", probes: int = GAIN_PROBES) -> tuple[dict, dict]:
     """Fit the per-channel scales of a loaded run (run_folder.load_run) on its validation images; writes nothing.
@@ -411,8 +411,8 @@ def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_S
     return json_safe(result), channels
 
 
-def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = 42,
-                  bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = 512,
+def calibrate_run(run_dir, without_clean: bool = False, n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED,
+                  bins: int = DEFAULT_BINS, data: Optional[str] = None, tile: int = DEFAULT_TILE,
                   max_images: Optional[int] = None, chunk: Optional[int] = None, progress: bool = True,
                   device: str = "auto", probes: int = GAIN_PROBES) -> dict:
     """`denoisplit-zoo calibrate`: fit the per-channel scales on the run's validation images (`fit_calibration`)

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a denoiSplit model into a run folder")
@@ -109,9 +111,10 @@ def _add_noise_model(sub) -> None:
     f = nsub.add_parser("fit", help="fit p(noisy | clean) from paired images or repeated noisy frames")
     f.add_argument("--clean", help="clean image/stack (TIFF or .npy); omit to use the average of the --noisy frames")
     f.add_argument("--noisy", required=True, help="noisy image/stack (TIFF or .npy), same shape as --clean")
-    f.add_argument("--iterations", type=int, default=2000)
-    f.add_argument("--batch-size", type=int, default=250_000)
-    f.add_argument("--min-sigma", type=float, default=0.125, help="lower clamp on component variances (raw units^2)")
+    f.add_argument("--iterations", type=int, default=NM_ITERATIONS)
+    f.add_argument("--batch-size", type=int, default=NM_BATCH)
+    f.add_argument("--min-sigma", type=float, default=NM_MIN_SIGMA,
+                   help="lower clamp on the components' VARIANCES, despite the name (raw units^2)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output .npz")
     f.set_defaults(func=_cmd_noise_model_fit)

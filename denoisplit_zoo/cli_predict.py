@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import GAIN_PROBES
+from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
 from .runtime import pick_device
 
@@ -30,7 +31,7 @@ def _positive_int(text: str) -> int:
 def _common(p, samples_default, samples_help: str) -> None:
     p.add_argument("--samples", type=_positive_int, default=samples_default, metavar="K", help=samples_help)
     p.add_argument("--seed", type=int, default=None, help="seed of the counter-based latent noise (default 42)")
-    p.add_argument("--tile", type=_positive_int, default=512,
+    p.add_argument("--tile", type=_positive_int, default=DEFAULT_TILE,
                    help="tile size in pixels (rounded to a multiple of 2**n_levels; plus a halo each side)")
     p.add_argument("--chunk", type=_positive_int, default=None,
                    help="posterior samples per top-down batch (default: sized to ~1.5 GB of activations)")
@@ -48,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N validation images")
     p.add_argument("--probes", type=_positive_int, default=GAIN_PROBES,
                    help=f"--without-clean: Hutchinson probes of the network's input gain (default {GAIN_PROBES})")
-    _common(p, 50, "posterior samples per pixel (default 50, as in the paper)")
+    _common(p, DEFAULT_SAMPLES, f"posterior samples per pixel (default {DEFAULT_SAMPLES}, as in the paper)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("evaluate", help="metrics, figures and a report on the test split or given data")
@@ -58,14 +59,15 @@ def register(sub) -> None:
     p.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
     p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
-    _common(p, 50, "posterior samples per pixel (default 50, as in the paper)")
+    _common(p, DEFAULT_SAMPLES, f"posterior samples per pixel (default {DEFAULT_SAMPLES}, as in the paper)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="split images (MMSE A, B and calibrated uncertainty) with a run or a package")
     p.add_argument("model", metavar="RUN_DIR_OR_ZIP")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="superimposed images: TIFF or .npy, (Y, X) or (N, Y, X)")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
-    _common(p, None, "posterior samples per pixel (default: 50 for a run folder, the package's K for a zip)")
+    _common(p, None, f"posterior samples per pixel (default: {DEFAULT_SAMPLES} for a run folder, the package's K "
+                     "for a zip)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -73,7 +75,7 @@ def _cmd_calibrate(a) -> int:
     from .calibration import calibrate_run
 
     res = calibrate_run(a.run, without_clean=a.without_clean, n_samples=a.samples,
-                        seed=42 if a.seed is None else a.seed, bins=a.bins, data=a.data, tile=a.tile,
+                        seed=DEFAULT_SEED if a.seed is None else a.seed, bins=a.bins, data=a.data, tile=a.tile,
                         max_images=a.max_images, chunk=a.chunk, progress=not a.no_progress, device=a.device,
                         probes=a.probes)
     for name, c in res["channels"].items():
@@ -104,7 +106,7 @@ def _cmd_evaluate(a) -> int:
     if a.channels and not a.data:
         raise UserError("--channels needs --data")
     m = evaluate_run(a.run, a.out, data=a.data, channels=a.channels, n_samples=a.samples,
-                     seed=42 if a.seed is None else a.seed, max_images=a.max_images, tile=a.tile, bins=a.bins,
+                     seed=DEFAULT_SEED if a.seed is None else a.seed, max_images=a.max_images, tile=a.tile, bins=a.bins,
                      chunk=a.chunk, progress=not a.no_progress, device=a.device)
     print(f"RI-PSNR {_f(m['ri_psnr_mean'])} dB, MS-SSIM {_f(m['ms_ssim_mean'], 4)}, MicroSSIM "
           f"{_f(m['micro_ssim_mean'], 4)} (mean of {', '.join(m['ri_psnr'])}; {m['n_images']} images vs "
@@ -139,8 +141,8 @@ def load_sampler(model: str, n_samples: int | None, seed: int | None):
         from .run_folder import load_run
 
         run = load_run(p)
-        return run.sampler(50 if n_samples is None else n_samples, 42 if seed is None else seed), \
-            list(run.channel_names), run.norm
+        k = DEFAULT_SAMPLES if n_samples is None else n_samples
+        return run.sampler(k, DEFAULT_SEED if seed is None else seed), list(run.channel_names), run.norm
     if p.suffix.lower() == ".zip":
         try:
             from .export import load_package_sampler
@@ -176,7 +178,8 @@ def _read_input(path: str) -> np.ndarray:
 
 
 def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None = None, seed: int | None = None,
-                  tile: int = 512, chunk: int | None = None, progress: bool = True, device: str = "auto") -> list[Path]:
+                  tile: int = DEFAULT_TILE, chunk: int | None = None, progress: bool = True,
+                  device: str = "auto") -> list[Path]:
     """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
     `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
     raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). All inputs are

@@ -14,6 +14,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import UserError
 
+# Sampling defaults shared by calibrate, evaluate, predict and export (model.py repeats 50 / 42 as SplitSampler's
+# own defaults because it ships verbatim inside packages and may import nothing of ours).
+DEFAULT_SAMPLES = 50  # posterior samples K per pixel: the paper's evaluation (mmse_count 50)
+DEFAULT_SEED = 42  # seed of the counter-based latent noise at inference
+DEFAULT_TILE = 512  # px, tile edge of whole-image prediction (before the halo)
+
+# GMM noise-model defaults (the paper's / PPN2V's), raw intensity units; noise_model.py and the CLI use these.
+NM_GAUSSIANS = 6
+NM_COEFFS = 4  # polynomial degree + 1 (cubic)
+NM_MIN_SIGMA = 0.125  # despite the name (kept from PPN2V's files): the lower clamp on each component's VARIANCE, raw^2
+NM_ITERATIONS = 2000
+NM_BATCH = 250_000
+NM_LR = 0.1
+
 LossKind = Literal["denoisplit", "usplit"]
 PresetName = Literal["paper", "small", "tiny"]
 
@@ -42,12 +56,12 @@ class ModelConfig(_Strict):
 class NoiseModelConfig(_Strict):
     """GMM noise model p(noisy | signal), raw intensity units (paper / PPN2V defaults)."""
 
-    n_gaussians: int = Field(6, ge=1)
-    n_coeffs: int = Field(4, ge=2, description="polynomial degree + 1 (4 = cubic)")
-    min_sigma: float = Field(0.125, gt=0, description="lower clamp on each component's VARIANCE (raw units^2)")
-    n_iterations: int = Field(2000, ge=1)
-    batch_size: int = Field(250_000, ge=16)
-    lr: float = Field(0.1, gt=0)
+    n_gaussians: int = Field(NM_GAUSSIANS, ge=1)
+    n_coeffs: int = Field(NM_COEFFS, ge=2, description="polynomial degree + 1 (4 = cubic)")
+    min_sigma: float = Field(NM_MIN_SIGMA, gt=0, description="lower clamp on each component's VARIANCE (raw units^2)")
+    n_iterations: int = Field(NM_ITERATIONS, ge=1)
+    batch_size: int = Field(NM_BATCH, ge=16)
+    lr: float = Field(NM_LR, gt=0)
 
 
 class NoiseConfig(_Strict):

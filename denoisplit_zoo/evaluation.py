@@ -20,12 +20,13 @@ from typing import Optional
 
 import numpy as np
 
-from .calibration import (DEFAULT_BINS, DEFAULT_SAMPLES, calibrate_arrays, clean_on_target_scale, json_safe,
+from .calibration import (DEFAULT_BINS, calibrate_arrays, clean_on_target_scale, json_safe,
                           noise_variance, plot_calibration, prepare_run_split)
+from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
-from .runtime import pick_device
 from .fileio import OutputSet, atomic_path, write_json, write_text
 from .metrics import channel_metrics, describe_split, split_quality
+from .runtime import pick_device
 
 CROP = 256  # figure crops (px)
 N_FIGURE_IMAGES = 3
@@ -195,7 +196,8 @@ def render_report(m: dict, run_dir: str) -> str:
 
 
 def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tuple[int, int]] = None,
-                 n_samples: int = DEFAULT_SAMPLES, seed: int = 42, max_images: Optional[int] = None, tile: int = 512,
+                 n_samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED, max_images: Optional[int] = None,
+                 tile: int = DEFAULT_TILE,
                  bins: int = DEFAULT_BINS, chunk: Optional[int] = None, progress: bool = True,
                  device: str = "auto") -> dict:
     """Evaluate a run folder; write REPORT_DIR (metrics.json, report.md, examples.png, calibration.png).

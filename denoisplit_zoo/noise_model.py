@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import NM_BATCH, NM_COEFFS, NM_GAUSSIANS, NM_ITERATIONS, NM_LR, NM_MIN_SIGMA
 from .errors import UserError
 from .fileio import read_npz, write_npz
 
@@ -30,9 +31,11 @@ _LOG_TOL = math.log(1e-10)  # the reference adds 1e-10 to the density; we add it
 
 
 class GMMNoiseModel(nn.Module):
-    """log p(noisy | signal), differentiable w.r.t. the signal; both arguments in raw intensity units."""
+    """log p(noisy | signal), differentiable w.r.t. the signal; both arguments in raw intensity units.
+    `min_sigma` (PPN2V's name, kept for its files) is a VARIANCE: each component's variance is clamped at >= it
+    (raw units^2)."""
 
-    def __init__(self, weight: torch.Tensor, min_signal: float, max_signal: float, min_sigma: float = 0.125):
+    def __init__(self, weight: torch.Tensor, min_signal: float, max_signal: float, min_sigma: float = NM_MIN_SIGMA):
         super().__init__()
         if weight.ndim != 2 or weight.shape[0] % 3:
             raise UserError(f"noise-model weight must be (3*n_gaussians, n_coeffs), got {tuple(weight.shape)}")
@@ -48,8 +51,8 @@ class GMMNoiseModel(nn.Module):
         self.min_sigma = float(min_sigma)
 
     @classmethod
-    def init_for_range(cls, min_signal: float, max_signal: float, n_gaussians: int = 6, n_coeffs: int = 4,
-                       min_sigma: float = 0.125, seed: int = 0) -> "GMMNoiseModel":
+    def init_for_range(cls, min_signal: float, max_signal: float, n_gaussians: int = NM_GAUSSIANS,
+                       n_coeffs: int = NM_COEFFS, min_sigma: float = NM_MIN_SIGMA, seed: int = 0) -> "GMMNoiseModel":
         """Fresh model (PPN2V init: W ~ N(0, 1), linear variance coefficient = log of the signal range)."""
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(3 * n_gaussians, n_coeffs, generator=g)
@@ -115,7 +118,7 @@ class GMMNoiseModel(nn.Module):
         if not torch.isfinite(w).all():
             raise UserError(f"{path}: noise-model weights are not finite")
         return cls(w, float(np.ravel(z["min_signal"])[0]), float(np.ravel(z["max_signal"])[0]),
-                   float(np.ravel(z.get("min_sigma", 0.125))[0]))
+                   float(np.ravel(z.get("min_sigma", NM_MIN_SIGMA))[0]))
 
     def to_dict(self) -> dict:
         """Plain-JSON description (for the bioimage.io rdf config)."""
@@ -124,11 +127,12 @@ class GMMNoiseModel(nn.Module):
                 "n_gaussians": self.n_gaussians, "n_coeffs": self.n_coeffs}
 
 
-def fit_noise_model(signal: np.ndarray, observation: np.ndarray, n_gaussians: int = 6, n_coeffs: int = 4,
-                    min_sigma: float = 0.125, n_iterations: int = 2000, batch_size: int = 250_000,
-                    lr: float = 0.1, seed: int = 0, progress: bool = True,
+def fit_noise_model(signal: np.ndarray, observation: np.ndarray, n_gaussians: int = NM_GAUSSIANS,
+                    n_coeffs: int = NM_COEFFS, min_sigma: float = NM_MIN_SIGMA, n_iterations: int = NM_ITERATIONS,
+                    batch_size: int = NM_BATCH, lr: float = NM_LR, seed: int = 0, progress: bool = True,
                     device: str | torch.device = "cpu") -> GMMNoiseModel:
-    """Fit a GMM noise model to (clean signal, noisy observation) pixel pairs, raw units.
+    """Fit a GMM noise model to (clean signal, noisy observation) pixel pairs, raw units (`min_sigma`: the
+    components' minimum VARIANCE, raw units^2).
 
     Adam, `batch_size` random pairs per iteration, loss = mean -log p(x | s) (PPN2V recipe). The signal range is the
     min/max over both arrays (PPN2V). Returns the model after the final iteration."""

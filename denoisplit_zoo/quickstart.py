@@ -36,9 +36,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserError
-from .runtime import pick_device
 from .fileio import OutputSet, atomic_path, write_json, write_text, write_yaml
 from .metrics import describe_split
+from .runtime import pick_device
 
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
 CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .config import RunConfig, load_run_config
+from .config import DEFAULT_SEED, RunConfig, load_run_config
 from .errors import UserError
 from .fileio import read_json, torch_load
 from .model import LadderVAE, SplitSampler
@@ -102,7 +102,7 @@ class Run:
             return [1.0, 1.0]
         return [float(self.calibration["channels"][n]["scale"]) for n in self.channel_names]
 
-    def sampler(self, n_samples: int, seed: int = 42, noise: bool = True) -> SplitSampler:
+    def sampler(self, n_samples: int, seed: int = DEFAULT_SEED, noise: bool = True) -> SplitSampler:
         """The in-graph sampler (the same module the exported package runs) with this run's weights,
         normalisation, calibration and noise models as buffers. Eval mode."""
         m = self.config.model

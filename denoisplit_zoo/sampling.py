@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocator import heap_allocations
+from .config import DEFAULT_TILE
 from .errors import UserError
 from .model import LadderVAE, SplitSampler, counter_normal
 
@@ -219,7 +220,7 @@ def _tile_layout(length: int, tile: int, m: int) -> tuple[int, int]:
     return core, -(-length // core)
 
 
-def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int = 512, halo: Optional[int] = None,
+def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int = DEFAULT_TILE, halo: Optional[int] = None,
                   chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False) -> dict:
     """Whole-image posterior prediction, RAW units in and out.
 
@@ -283,7 +284,7 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
     return {"mean": mean, "std": std, "samples": samples, "tiles": ny * nx, "halo": halo}
 
 
-def predict_stack(sampler: SplitSampler, images_raw: np.ndarray, norm, tile: int = 512, halo: Optional[int] = None,
+def predict_stack(sampler: SplitSampler, images_raw: np.ndarray, norm, tile: int = DEFAULT_TILE, halo: Optional[int] = None,
                   chunk: Optional[int] = None, progress: bool = True, desc: str = "images") -> dict:
     """predict_image over (N, Y, X) raw images -> dict(mean (N, 2, Y, X), std (N, 2, Y, X), halo), raw units.
     The halo is measured once for all images."""

@@ -1,8 +1,10 @@
 """What a denoisplit-zoo package zip holds and how its tensors are named: the contract between the writer, the rdf
 description, the reader and every consumer (bioimageio.core, deepImageJ, ilastik). Nothing here imports torch or
-bioimageio, so any side can import it."""
+bioimageio (only config's constants), so any side can import it."""
 
 from __future__ import annotations
+
+from ..config import DEFAULT_SEED
 
 # File names inside the package (flat: bioimage.io packages are one folder).
 STATE_DICT_FILE = "weights.pt"
@@ -18,9 +20,9 @@ ONNX_OPSET = 17  # legacy exporter: opset 17 -> IR 8, the newest onnxruntime-jav
 MAX_ONNX_IR = 8
 
 # The exported module's posterior samples and seed when the recipe / CLI do not say (K = 16: the CPU cost of a
-# zoo-side prediction stays in seconds; evaluation uses the paper's 50, calibration.DEFAULT_SAMPLES).
+# zoo-side prediction stays in seconds; evaluation uses the paper's 50, config.DEFAULT_SAMPLES).
 PACKAGE_SAMPLES = 16
-PACKAGE_SEED = 42
+PACKAGE_SEED = DEFAULT_SEED
 
 # Tensor ids: one input (B, 1, Y, X) raw intensities; one output (B, 4, Y, X) = MMSE A, MMSE B, std A, std B (raw).
 INPUT_NAME = "input"
