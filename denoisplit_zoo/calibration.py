@@ -34,15 +34,15 @@ Units: everything here is RAW (the scale itself is unit-free).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
+from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE, GAIN_PROBES, GAIN_SAMPLES
 from .errors import UserError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, json_safe, write_json
+from .run_folder import prepare_run_split
 from .runtime import pick_device
 
 DEFAULT_BINS = 30
@@ -60,10 +60,6 @@ MAX_REL_WIDTH = 0.5
 MAX_SENSITIVITY = 0.25
 NOISE_ERROR_PCT = 2.0
 FALLBACK_SCALE = 1.0
-# The Stein gain d of a noisy-target calibration: GAIN_PROBES Hutchinson probes with a sampler of GAIN_SAMPLES
-# posterior samples (about the cost of one 50-sample prediction; docs/calibration.md has the measurements).
-GAIN_PROBES = 4
-GAIN_SAMPLES = 10
 
 
 # --------------------------------------------------------------------------------------------------- pure numerics
@@ -288,43 +284,6 @@ def plot_calibration(channels: dict, path, title: str = "calibration") -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- with a run
-
-def json_safe(obj):
-    """NaN / inf -> None: strict JSON has neither (e.g. the regression of a single bin, a perfect RI-PSNR)."""
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def resolve_data_path(run, data: Optional[str]) -> str:
-    """The data set to rebuild splits from: `data` if given, else the run's config path (as written, or relative to
-    the run folder or its parent, since a relative path was relative to where `train` ran)."""
-    if data:
-        return data
-    p = Path(run.config.data.path)
-    for cand in (p, run.paths.root / p, run.paths.root.parent / p):
-        if cand.exists() or ("," in str(p) and all(Path(s.strip()).exists() for s in str(cand).split(","))):
-            return str(cand)
-    raise UserError(f"the run's training data is not at {p}; pass --data PATH (the same file the run was trained on)")
-
-
-def prepare_run_split(run, split: str, data: Optional[str] = None):
-    """Rebuild the run's data (deterministic: same file, split seed and noise seed) and return (SplitData, noise kind).
-    Checks that the rebuilt split matches the run's data_split.json."""
-    from .data import prepare_data
-
-    cfg = run.config.data.model_copy(update={"path": resolve_data_path(run, data)})
-    prepared = prepare_data(cfg, run.config.train.patch_size, None)
-    if run.data_split and run.data_split.get("mode") == "images" and split in run.data_split:
-        if list(run.data_split[split]) != list(prepared.split.get(split, [])):
-            raise UserError(f"the data at {cfg.path} does not split like the run's data_split.json ({split} images "
-                            f"{prepared.split.get(split)} vs {run.data_split[split]}); is it the training data?")
-    return getattr(prepared, split), prepared.noise_info.get("kind", "synthetic")
-
 
 def input_gain(sampler, inputs: np.ndarray, norm, tile: int, halo: int, chunk: Optional[int], progress: bool,
                seed: int, probes: int = GAIN_PROBES, rel_step: float = 0.01, smooth: int = 9) -> np.ndarray:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
+from . import cli_export, cli_predict, cli_quickstart
 from .config import NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
 
 
@@ -120,41 +120,14 @@ def _add_noise_model(sub) -> None:
     f.set_defaults(func=_cmd_noise_model_fit)
 
 
-def _read_image(path: str):
-    import numpy as np
-
-    from .data import as_float32
-    from .errors import UserError
-    from .fileio import one_line, read_tiff
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"missing file: {p}")
-    if p.suffix.lower() == ".npy":
-        try:
-            arr = np.load(p, allow_pickle=False)
-        except Exception as e:  # truncated file, bad header, object array (needs pickle)
-            raise UserError(f"{p} is not a readable .npy file ({one_line(e)})") from None
-        if not isinstance(arr, np.ndarray):  # np.load opens a zip (.npz) whatever the file is called
-            arr.close()
-            raise UserError(f"{p} is an .npz archive, not one .npy array")
-    else:
-        arr = read_tiff(p)
-    if arr.dtype.kind not in "biuf":
-        raise UserError(f"{p}: dtype {arr.dtype}; expected integer or float pixels")
-    arr = as_float32(arr, p)
-    if not np.isfinite(arr).all():
-        raise UserError(f"{p}: contains NaN or inf")
-    return arr
-
-
 def _cmd_noise_model_fit(a) -> int:
+    from .data import read_image
     from .errors import UserError
     from .noise_model import fit_noise_model, pairs_from_frames
 
-    noisy = _read_image(a.noisy)
+    noisy = read_image(a.noisy)
     if a.clean:
-        clean = _read_image(a.clean)
+        clean = read_image(a.clean)
         if clean.shape != noisy.shape:
             raise UserError(f"--clean {clean.shape} and --noisy {noisy.shape} differ in shape")
         signal, obs = clean, noisy
@@ -193,22 +166,10 @@ def _cmd_models(a) -> int:
     return 0
 
 
-# Each later stage registers its command here (calibrate, evaluate, predict, export, upload, quickstart).
-_COMMANDS = [_add_noise_model, _add_train, _add_models]
-
-
-def _register_optional(sub) -> None:
-    """Commands whose modules are added stage by stage."""
-    import importlib
-
-    for mod_name in ("cli_predict", "cli_export", "cli_quickstart"):
-        try:
-            mod = importlib.import_module(f".{mod_name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(mod_name):
-                continue
-            raise
-        mod.register(sub)
+# Every command, in the order `--help` lists them. The cli_* modules import only light modules at the top (the
+# stages' torch / bioimageio imports happen inside their command functions), so `--help` stays instant.
+_COMMANDS = [_add_noise_model, _add_train, _add_models, cli_predict.register, cli_export.register,
+             cli_quickstart.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for add in _COMMANDS:
         add(sub)
-    _register_optional(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`denoisplit-zoo export` and `denoisplit-zoo upload` (registered by cli._register_optional).
+"""`denoisplit-zoo export` and `denoisplit-zoo upload` (registered in cli._COMMANDS).
 
 Heavy imports (torch, bioimageio) happen inside the command functions so `--help` stays instant.
 """

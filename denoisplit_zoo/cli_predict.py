@@ -1,4 +1,4 @@
-"""CLI commands of the sampling stage: `calibrate`, `evaluate`, `predict` (registered by cli._register_optional).
+"""CLI commands of the sampling stage: `calibrate`, `evaluate`, `predict` (registered in cli._COMMANDS).
 
 `predict` runs a run folder or an exported package zip through the same SplitSampler, so both give identical numbers
 for the same K and seed.
@@ -12,10 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import GAIN_PROBES
-from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
+from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE, GAIN_PROBES
 from .errors import UserError
-from .runtime import pick_device
 
 
 def _positive_int(text: str) -> int:
@@ -169,9 +167,9 @@ def _write_tiff(path: Path, arr: np.ndarray, meta: dict) -> None:
 
 
 def _read_input(path: str) -> np.ndarray:
-    from .cli import _read_image
+    from .data import read_image  # imports torch: kept out of `--help`
 
-    arr = _read_image(path)
+    arr = read_image(path)
     if arr.ndim not in (2, 3) or min(arr.shape) < 1:
         raise UserError(f"{path}: shape {arr.shape}; expected one superimposed image (Y, X) or a stack (N, Y, X)")
     return arr
@@ -204,6 +202,8 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
     from .sampling import measure_halo, predict_stack
 
     sampler, names, norm = load_sampler(model, n_samples, seed)
+    from .runtime import pick_device  # imports torch: kept out of `--help`
+
     sampler = sampler.to(pick_device(device))
     halo = measure_halo(sampler.vae)
     written: list[Path] = []

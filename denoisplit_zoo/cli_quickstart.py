@@ -1,4 +1,4 @@
-"""`denoisplit-zoo quickstart` (registered by cli._register_optional): a thin layer over quickstart.run_quickstart.
+"""`denoisplit-zoo quickstart` (registered in cli._COMMANDS): a thin layer over quickstart.run_quickstart.
 
 Heavy imports happen inside the command function so `--help` stays instant.
 """

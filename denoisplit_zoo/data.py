@@ -14,9 +14,9 @@ Accepted `--data` layouts (docs/contracts.md):
 from __future__ import annotations
 
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from .config import DataConfig
 from .errors import UserError
 from .fileio import one_line, read_tiff, write_json
+from .normalization import Normalization
 
 SPLITS = ("train", "val", "test")
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -44,6 +45,30 @@ def as_float32(a: np.ndarray, where) -> np.ndarray:
             big = float(np.abs(a[finite]).max())
             raise UserError(f"{where}: values beyond float32's range (max |x| {big:.3g}); rescale the data")
     return out
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image or stack from a TIFF or a .npy file (never unpickled) as float32 raw intensities; a one-line
+    UserError for a missing, unreadable, non-numeric or non-finite file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"missing file: {p}")
+    if p.suffix.lower() == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except Exception as e:  # truncated file, bad header, object array (needs pickle)
+            raise UserError(f"{p} is not a readable .npy file ({one_line(e)})") from None
+        if not isinstance(arr, np.ndarray):  # np.load opens a zip (.npz) whatever the file is called
+            arr.close()
+            raise UserError(f"{p} is an .npz archive, not one .npy array")
+    else:
+        arr = read_tiff(p)
+    if arr.dtype.kind not in "biuf":
+        raise UserError(f"{p}: dtype {arr.dtype}; expected integer or float pixels")
+    arr = as_float32(arr, p)
+    if not np.isfinite(arr).all():
+        raise UserError(f"{p}: contains NaN or inf")
+    return arr
 
 
 @dataclass
@@ -313,66 +338,6 @@ def split_regions(image_shape: tuple[int, ...], fractions=(0.8, 0.1, 0.1),
 
 
 # ------------------------------------------------------------------------------------------------------ normalising
-def _affine(x, mean, std, per_channel: bool, inverse: bool):
-    """(x - mean) / std or its inverse, for numpy arrays or torch tensors; per-channel stats broadcast over dim -3."""
-    if isinstance(x, torch.Tensor):
-        x = x if x.is_floating_point() else x.float()
-        m, s = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (mean, std))
-    else:
-        x = np.asarray(x)
-        x = x if x.dtype.kind == "f" else x.astype(np.float32)
-        m, s = (np.asarray(v, dtype=x.dtype) for v in (mean, std))
-    if per_channel:
-        if x.ndim < 3 or x.shape[-3] != len(mean):
-            raise ValueError(f"expected (..., {len(mean)}, Y, X) targets, got shape {tuple(x.shape)}")
-        m, s = m.reshape(-1, 1, 1), s.reshape(-1, 1, 1)
-    return x * s + m if inverse else (x - m) / s
-
-
-@dataclass
-class Normalization:
-    """Statistics of the TRAIN split in raw units (stored as normalization.json in the run folder).
-
-    input_*: of the model input = sum of the two noisy channels; target_*: per channel, of the noisy targets.
-    """
-
-    input_mean: float
-    input_std: float
-    target_mean: list[float]
-    target_std: list[float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "Normalization":
-        keys = {"input_mean", "input_std", "target_mean", "target_std"}
-        if not isinstance(d, dict) or set(d) != keys:
-            got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise UserError(f"normalization: expected keys {sorted(keys)}, got {got}")
-        try:
-            im, is_ = float(d["input_mean"]), float(d["input_std"])
-            tm, ts = [float(v) for v in d["target_mean"]], [float(v) for v in d["target_std"]]
-        except (TypeError, ValueError):
-            raise UserError("normalization: values must be numbers (target_* lists of two numbers)") from None
-        vals = [im, is_, *tm, *ts]
-        if len(tm) != 2 or len(ts) != 2 or not np.isfinite(vals).all() or min(is_, *ts) <= 0:
-            raise UserError(f"normalization: need finite values, positive stds and two target channels, got {d}")
-        return cls(im, is_, tm, ts)
-
-    def normalize_input(self, x):
-        """Raw input (sum of the two channels) -> normalised; numpy or torch, any shape."""
-        return _affine(x, self.input_mean, self.input_std, per_channel=False, inverse=False)
-
-    def normalize_target(self, t):
-        """Raw targets (..., 2, Y, X) -> normalised per channel."""
-        return _affine(t, self.target_mean, self.target_std, per_channel=True, inverse=False)
-
-    def denormalize_target(self, y):
-        """Normalised predictions (..., 2, Y, X) -> raw units."""
-        return _affine(y, self.target_mean, self.target_std, per_channel=True, inverse=True)
-
-
 def compute_normalization(noisy_train: np.ndarray) -> Normalization:
     """Statistics of the raw noisy TRAIN targets (N, 2, Y, X); the input stats are those of their channel sum."""
     im, is_ = _mean_std(noisy_train, lambda x: x[0].astype(np.float64) + x[1])

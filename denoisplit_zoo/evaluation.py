@@ -20,12 +20,12 @@ from typing import Optional
 
 import numpy as np
 
-from .calibration import (DEFAULT_BINS, calibrate_arrays, clean_on_target_scale, json_safe,
-                          noise_variance, plot_calibration, prepare_run_split)
+from .calibration import DEFAULT_BINS, calibrate_arrays, clean_on_target_scale, noise_variance, plot_calibration
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
-from .fileio import OutputSet, atomic_path, write_json, write_text
+from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text
 from .metrics import channel_metrics, describe_split, split_quality
+from .run_folder import prepare_run_split
 from .runtime import pick_device
 
 CROP = 256  # figure crops (px)

@@ -28,14 +28,16 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .calibration import MIN_SCALE, resolve_data_path
+from .calibration import MIN_SCALE
 from .errors import UserError
 from .model import LadderVAE, SplitSampler
+from .normalization import Normalization
 # the package contract (file names, tensor ids, opset, ...) is package/layout.py's; the names are re-exported here
 # because the writer and its tests use them
 from .package.layout import (ARCH_KEYS, ARCHITECTURE_FILE, INPUT_NAME, MAX_ONNX_IR, ONNX_FILE,  # noqa: F401
                              ONNX_OPSET, OUTPUT_NAME, PACKAGE_SAMPLES, PACKAGE_SEED, STATE_DICT_FILE, TEST_INPUT_FILE,
                              TEST_OUTPUT_FILE, TORCHSCRIPT_FILE, min_input_size, postprocessing_gain_offset)
+from .run_folder import resolve_data_path
 
 # ---------------------------------------------------------------------------------------------------- the module
 def architecture_kwargs(run, n_samples: int, seed: int, noise: bool = True) -> dict:
@@ -327,15 +329,13 @@ def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str) -> 
 
 
 def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Optional[int] = None):
-    """A package zip -> (SplitSampler in eval mode, channel_names [A, B], data.Normalization, meta dict).
+    """A package zip -> (SplitSampler in eval mode, channel_names [A, B], normalization.Normalization, meta dict).
 
     Nothing is extracted and no packaged code is imported: rdf.yaml and the state dict are read from the zip in
     memory, the weights' sha256 is checked against rdf.yaml, and the tensors (weights_only=True) go into this
     package's SplitSampler built from config.denoisplit.architecture. n_samples / seed override the packaged K /
     seed (the network weights are the same; only the Monte-Carlo draw changes)."""
     import yaml
-
-    from .data import Normalization
 
     zip_path = Path(zip_path)
     if not zip_path.is_file():

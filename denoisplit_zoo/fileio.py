@@ -244,3 +244,14 @@ def read_tiff(path) -> np.ndarray:
     if arr.size == 0:
         raise UserError(f"{path} is not a readable TIFF file (no pixel data)")
     return arr
+
+
+def json_safe(obj):
+    """NaN / inf -> None: strict JSON has neither (e.g. the regression of a single bin, a perfect RI-PSNR)."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import UserError
-from .fileio import OutputSet, atomic_path, write_json, write_text, write_yaml
+from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
 from .metrics import describe_split
 from .runtime import pick_device
 
@@ -655,8 +655,6 @@ def _file_list(out: Path, paths: dict) -> dict:
 
 
 def _json_safe(obj):
-    from .calibration import json_safe
-
     return json_safe(json.loads(json.dumps(obj, default=str)))
 
 

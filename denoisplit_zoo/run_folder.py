@@ -14,17 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from .config import DEFAULT_SEED, RunConfig, load_run_config
+from .data import prepare_data
 from .errors import UserError
 from .fileio import read_json, torch_load
 from .model import LadderVAE, SplitSampler
+from .normalization import Normalization
 
-if TYPE_CHECKING:
-    from .data import Normalization
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Run:
     paths: RunPaths
     config: RunConfig
     model: LadderVAE
-    norm: "Normalization"
+    norm: Normalization
     noise_models: list = field(default_factory=list)
     channel_names: list[str] = field(default_factory=lambda: ["A", "B"])
     calibration: Optional[dict] = None
@@ -125,7 +125,6 @@ class Run:
 
 def load_run(path, checkpoint: str = "best") -> Run:
     """Load RUN_DIR (config, weights, normalisation, noise models, calibration if present)."""
-    from .data import Normalization
     from .noise_model import load_noise_models
 
     paths = RunPaths(Path(path))
@@ -152,3 +151,27 @@ def load_run(path, checkpoint: str = "best") -> Run:
     names = list(split.get("channel_names", ["A", "B"])) if split else ["A", "B"]
     calib = read_json(paths.calibration) if paths.calibration.is_file() else None
     return Run(paths, cfg, model, norm, nms, names, calib, split)
+
+
+def resolve_data_path(run, data: Optional[str]) -> str:
+    """The data set to rebuild splits from: `data` if given, else the run's config path (as written, or relative to
+    the run folder or its parent, since a relative path was relative to where `train` ran)."""
+    if data:
+        return data
+    p = Path(run.config.data.path)
+    for cand in (p, run.paths.root / p, run.paths.root.parent / p):
+        if cand.exists() or ("," in str(p) and all(Path(s.strip()).exists() for s in str(cand).split(","))):
+            return str(cand)
+    raise UserError(f"the run's training data is not at {p}; pass --data PATH (the same file the run was trained on)")
+
+
+def prepare_run_split(run, split: str, data: Optional[str] = None):
+    """Rebuild the run's data (deterministic: same file, split seed and noise seed) and return (SplitData, noise kind).
+    Checks that the rebuilt split matches the run's data_split.json."""
+    cfg = run.config.data.model_copy(update={"path": resolve_data_path(run, data)})
+    prepared = prepare_data(cfg, run.config.train.patch_size, None)
+    if run.data_split and run.data_split.get("mode") == "images" and split in run.data_split:
+        if list(run.data_split[split]) != list(prepared.split.get(split, [])):
+            raise UserError(f"the data at {cfg.path} does not split like the run's data_split.json ({split} images "
+                            f"{prepared.split.get(split)} vs {run.data_split[split]}); is it the training data?")
+    return getattr(prepared, split), prepared.noise_info.get("kind", "synthetic")

@@ -103,13 +103,13 @@ def test_corrupted_files_give_data_or_a_user_error(cut, flips, fmt):
 @CHEAP
 @given(data=st.binary(max_size=300), suffix=st.sampled_from([".tif", ".npy"]))
 def test_image_reader_on_random_bytes(data, suffix):
-    from denoisplit_zoo.cli import _read_image
+    from denoisplit_zoo.data import read_image
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"x{suffix}"
         path.write_bytes(data)
         try:
-            arr = _read_image(str(path))
+            arr = read_image(str(path))
         except UserError as e:
             assert "\n" not in str(e)
         else:
