@@ -4,9 +4,9 @@ Variants: `fp32` the plain loop (contiguous, default allocator); `bf16` autocast
 batches; `heap` large CPU blocks from glibc's reused heap instead of a fresh mmap each (allocator.heap_allocations,
 what training.train does on the CPU); combinations joined by '+'. `channels_last+heap` is the product's CPU loop.
 
-One step = exactly what training.train does per batch: LadderVAE forward with KL (torch.randn latents), the real
-`losses.loss_terms` (denoiSplit: GMM noise-model likelihood in fp32 + image-size KL with free bits), backward,
-gradient-norm clip, Adamax step. The noise models have random PPN2V-init weights over an 8-bit signal range (this is
+One step = training.Trainer.step, exactly what training.train runs per batch: LadderVAE forward with KL
+(torch.randn latents), the real `losses.loss_terms` (denoiSplit: GMM noise-model likelihood in fp32 + image-size KL
+with free bits), backward, gradient-norm clip, the non-finite skip, Adamax step. The noise models have random PPN2V-init weights over an 8-bit signal range (this is
 a throughput benchmark; their values do not change the cost). Batches are pre-generated synthetic patches on the
 device, so data loading is NOT in the numbers (the product's loop adds its PatchDataset cost on top).
 
@@ -74,9 +74,11 @@ def synthetic_batches(n: int, batch: int, patch: int, device, seed: int = 0):
 
 
 def worker(spec: dict) -> dict:
+    from denoisplit_zoo.config import build_run_config
     from denoisplit_zoo.losses import loss_terms
-    from denoisplit_zoo.model import LadderVAE
     from denoisplit_zoo.noise_model import GMMNoiseModel
+    from denoisplit_zoo.normalization import Normalization
+    from denoisplit_zoo.training import Trainer
 
     C.set_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -87,15 +89,17 @@ def worker(spec: dict) -> dict:
     cl = "channels_last" in variant
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch.manual_seed(0)
-    model = LadderVAE(n_levels, z_dim, n_filters, dropout, 2, patch).to(device)
-    if cl:
-        model = model.to(memory_format=torch.channels_last)
+    # the preset's network and optimizer; full KL weight from step 0 and no device-default autocast: the variants
+    # below choose the memory format and the autocast themselves
+    cfg = build_run_config(spec["preset"], {"data": {"path": "synthetic.npz"},
+                                            "train": {"batch_size": batch, "kl_warmup_steps": 0, "amp": False}})
     nms = [GMMNoiseModel.init_for_range(0.0, 255.0, seed=c).to(device) for c in range(2)]
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
-    t_mean = torch.tensor([100.0, 100.0], device=device)
-    t_std = torch.tensor([50.0, 50.0], device=device)
-    shapes = model.latent_shapes(patch, patch)
+    norm = Normalization(200.0, 40.0, [100.0, 100.0], [50.0, 50.0])  # the synthetic batches' scale
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, norm, nms, device, memory_format=torch.channels_last if cl else torch.contiguous_format,
+                      amp_dtype=torch.bfloat16 if bf16 else None).to_device()
+    model = trainer.model
+    shapes = trainer.latent_shapes
     n_total = spec["warmup"] + spec["steps"]
     batches = synthetic_batches(min(n_total, 8), batch, patch, device)
     if cl:
@@ -115,21 +119,13 @@ def worker(spec: dict) -> dict:
     with torch.no_grad(), amp:
         pred0, kls0 = model.top_down(model.bottom_up(x0), eps, True)
     det = loss_terms("denoisplit", pred0.float(), [k.float() for k in kls0], y0, latent_shapes=shapes,
-                     noise_models=nms, target_mean=t_mean, target_std=t_std, kl_weight=1.0, free_bits=1.0)
+                     noise_models=nms, target_mean=trainer.t_mean, target_std=trainer.t_std, kl_weight=1.0,
+                     free_bits=1.0)
     info["loss_fixed_eps"] = float(det.total)
     losses = []
 
     def step(i):
-        x, y = batches[i % len(batches)]
-        with amp:
-            pred, kls = model(x, compute_kl=True)
-        terms = loss_terms("denoisplit", pred.float(), [k.float() for k in kls], y, latent_shapes=shapes,
-                           noise_models=nms, target_mean=t_mean, target_std=t_std, kl_weight=1.0, free_bits=1.0)
-        opt.zero_grad(set_to_none=True)
-        if torch.isfinite(terms.total):
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-            opt.step()
+        terms = trainer.step(*batches[i % len(batches)])
         losses.append(float(terms.total.detach()))
 
     model.train()

@@ -99,7 +99,7 @@ def _cmd_train(a) -> int:
     if src is not None and (mismatch := architecture_mismatch(cfg.model, cfg.train.patch_size, src)):
         raise UserError(f"--init-from {a.init_from}: architecture differs ({mismatch}); drop --preset / model "
                         "overrides to take the source's")
-    res = train(cfg, a.out, resume=a.resume, noise_model_files=a.noise_models)
+    res = train(cfg, a.out, resume=a.resume, noise_models=a.noise_models)
     print(f"trained {res.step} steps in {res.seconds / 60:.1f} min ({res.stopped_because}); "
           f"best val_loss {res.best_val_loss:.4f}; run folder: {res.run_dir}")
     return 0

@@ -26,8 +26,6 @@ samples per stage is chosen to fit the time that is left.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,16 +191,12 @@ def _build_config(data: Path, preset: str, gaussian: float, poisson: float, seed
     return cfg
 
 
-def fit_noise_models(cfg, prepared, folder: Path, progress: bool) -> list[str]:
-    """One GMM per channel from the TRAIN stripe's (clean, noisy) pairs, saved as folder/ch{0,1}.npz; returns the
-    two paths (train() copies them into the run)."""
+def fit_noise_models(cfg, prepared, progress: bool) -> list:
+    """One GMM per channel from the TRAIN stripe's (clean, noisy) pairs (fitted before training so the time budget
+    can be split with the fit's cost known); train() saves them into the run."""
     from .training import fit_run_noise_models
 
-    paths = []
-    for c, nm in enumerate(fit_run_noise_models(cfg, prepared, progress)):
-        nm.save(folder / f"ch{c}.npz")
-        paths.append(str(folder / f"ch{c}.npz"))
-    return paths
+    return fit_run_noise_models(cfg, prepared, progress)
 
 
 # ------------------------------------------------------------------------------------------------ time budget
@@ -483,25 +477,21 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
     cfg, prepared, data_info = _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from)
     val_shape, test_shape = prepared.val.inputs.shape[1:], prepared.test.inputs.shape[1:]
     budget = {"minutes": minutes}
-    nm_dir = Path(tempfile.mkdtemp(prefix="denoisplit-qs-nm-"))
-    try:
-        clock.stage("noise models", f"GMM per channel, {cfg.noise_model.n_iterations} iterations")
-        nm_files = fit_noise_models(cfg, prepared, nm_dir, progress)
-        per_px_cpu = probe_seconds_per_pixel_sample(cfg, "cpu")
-        per_px = per_px_cpu if dev.type == "cpu" else probe_seconds_per_pixel_sample(cfg, device)
-        work = sampling_work(HALO_GUESS, val_shape, test_shape, 2**cfg.model.n_levels)
-        wanted = sum(estimate_seconds(samples or SAMPLES_MAX, work, per_px, per_px_cpu).values())
-        reserve = min(wanted, RESERVE_FRACTION * minutes * 60)
-        train_min = max(MIN_TRAIN_SECONDS, minutes * 60 - clock.elapsed - reserve) / 60
-        budget.update(train_minutes=train_min, reserve_s=round(reserve), probe_us_per_pixel_sample=per_px * 1e6)
-        del prepared  # train() rebuilds the same split (deterministic); free the arrays meanwhile
+    clock.stage("noise models", f"GMM per channel, {cfg.noise_model.n_iterations} iterations")
+    noise_models = fit_noise_models(cfg, prepared, progress)
+    per_px_cpu = probe_seconds_per_pixel_sample(cfg, "cpu")
+    per_px = per_px_cpu if dev.type == "cpu" else probe_seconds_per_pixel_sample(cfg, device)
+    work = sampling_work(HALO_GUESS, val_shape, test_shape, 2**cfg.model.n_levels)
+    wanted = sum(estimate_seconds(samples or SAMPLES_MAX, work, per_px, per_px_cpu).values())
+    reserve = min(wanted, RESERVE_FRACTION * minutes * 60)
+    train_min = max(MIN_TRAIN_SECONDS, minutes * 60 - clock.elapsed - reserve) / 60
+    budget.update(train_minutes=train_min, reserve_s=round(reserve), probe_us_per_pixel_sample=per_px * 1e6)
+    del prepared  # train() rebuilds the same split (deterministic); free the arrays meanwhile
 
-        start = f"fine-tuning {init_from}" if init_from else "from scratch"
-        clock.stage("training", f"`{preset}` preset, {start}, on {dev.type} for {train_min:.1f} min (the later "
-                                f"stages get ~{reserve / 60:.1f} min of the {minutes:g})")
-        res = _stage_train(cfg, paths["run"], nm_files, train_min, max_steps, progress)
-    finally:
-        shutil.rmtree(nm_dir, ignore_errors=True)
+    start = f"fine-tuning {init_from}" if init_from else "from scratch"
+    clock.stage("training", f"`{preset}` preset, {start}, on {dev.type} for {train_min:.1f} min (the later "
+                            f"stages get ~{reserve / 60:.1f} min of the {minutes:g})")
+    res = _stage_train(cfg, paths["run"], noise_models, train_min, max_steps, progress)
     log(f"      {res.step} steps ({res.stopped_because}), best validation loss {res.best_val_loss:.4f}")
 
     ks, est = _choose_after_training(paths["run"], minutes * 60 - clock.elapsed, val_shape, test_shape, per_px,
@@ -558,14 +548,14 @@ def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, ini
     return cfg, prepared, info
 
 
-def _stage_train(cfg, run_dir: Path, nm_files: list[str], minutes: float, max_steps: Optional[int],
+def _stage_train(cfg, run_dir: Path, noise_models: list, minutes: float, max_steps: Optional[int],
                  progress: bool):
     """[3] train() with the pre-fitted noise models and the clock as the stopping rule."""
     from .training import train
 
     limits = {"max_minutes": minutes, "max_steps": max_steps}
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=limits)})
-    return train(cfg, run_dir, noise_model_files=nm_files, progress=progress)
+    return train(cfg, run_dir, noise_models=noise_models, progress=progress)
 
 
 def _choose_after_training(run_dir: Path, seconds_left: float, val_shape, test_shape, per_px: float,

@@ -13,19 +13,20 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .allocator import heap_allocations
-from .config import RunConfig
+from .config import RunConfig, load_run_config
 from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
 from .errors import UserError
-from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write_json, write_yaml
+from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write_json, write_text, write_yaml
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
+from .normalization import Normalization
 from .pretrained import architecture_mismatch, load_init_source
 from .run_folder import RunPaths, build_model
 from .runtime import pick_device
@@ -129,10 +130,14 @@ def _prepare_run_dir(out: Path, resume: bool) -> RunPaths:
     return paths
 
 
-def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_files: Optional[list[str]] = None,
+NoiseModels = Sequence[GMMNoiseModel | str | Path]
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: Optional[NoiseModels] = None,
           progress: bool = True) -> TrainResult:
     """Train a run into `out` (docs/contracts.md run folder). With resume=True, `cfg` is replaced by the run's config
-    except for the stopping limits (max_steps / max_minutes), which the caller may extend.
+    except for the stopping limits (max_steps / max_minutes), which the caller may extend. `noise_models`: two
+    pre-fitted GMMs (GMMNoiseModel objects or .npz paths) instead of fitting them from the training pairs.
 
     Crash safety: every file is written atomically (temp file + fsync + rename) and checkpoints/last.pt holds
     everything the schedule depends on (weights, optimizer, LR scheduler, torch RNG, step / epoch / position in the
@@ -143,220 +148,287 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_model_fil
     out = Path(out)
     paths = _prepare_run_dir(out, resume)
     if resume:
-        return _train(cfg, paths, resume, noise_model_files, progress, None)
+        return _train(cfg, paths, resume, noise_models, progress, None)
     with OutputSet(out) as outputs:
         if not os.access(out, os.W_OK):
             raise UserError(f"{out} is not writable")
-        return _train(cfg, paths, resume, noise_model_files, progress, outputs)
+        return _train(cfg, paths, resume, noise_models, progress, outputs)
 
 
-def _train(cfg: RunConfig, paths: RunPaths, resume: bool, noise_model_files: Optional[list[str]], progress: bool,
-           outputs: Optional[OutputSet]) -> TrainResult:
-    out = paths.root
-    restart = resume and not paths.last.is_file()  # killed before the first checkpoint: start again at step 0
-    if resume:
-        from .config import load_run_config
+def _run_config(cfg: RunConfig, paths: RunPaths, resume: bool) -> RunConfig:
+    """The config a (re)started run trains with: a fresh run writes `cfg` (from then on the folder is a run folder);
+    a resumed one takes its saved config, with only the caller's stopping limits."""
+    if not resume:
+        write_yaml(paths.config, json.loads(cfg.model_dump_json()))
+        return cfg
+    saved = load_run_config(paths.config)
+    limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}
+    return saved.model_copy(update={"train": saved.train.model_copy(update=limits)})
 
-        saved = load_run_config(paths.config)
-        limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}
-        cfg = saved.model_copy(update={"train": saved.train.model_copy(update=limits)})
-    else:
-        write_yaml(paths.config, json.loads(cfg.model_dump_json()))  # first: from now on `out` is a run folder
-    tc = cfg.train
-    device = pick_device(tc.device)
-    seed_everything(tc.seed)
 
-    prepared = prepare_data(cfg.data, tc.patch_size, None if resume and not restart else out)
-    if not resume or restart:
-        write_json(paths.normalization, prepared.norm.to_dict())
-    norm = prepared.norm
-
-    # Noise models: the denoiSplit likelihood needs them; every run keeps them because calibration without clean
-    # data (calibrate --without-clean) subtracts the observation-noise variance they predict.
-    noise_models: Optional[list[GMMNoiseModel]] = None
+def acquire_noise_models(cfg: RunConfig, prepared: PreparedData, paths: RunPaths, given: Optional[NoiseModels],
+                         progress: bool, device: torch.device) -> Optional[list[GMMNoiseModel]]:
+    """The run's two noise models, in this order: the ones already in the run folder (resume), the `given` ones, a
+    fit on the training pairs; saved into the run folder and moved to `device`. None for a uSplit run on data
+    without clean images. Every run keeps them where it can: calibration without clean data subtracts the
+    observation-noise variance they predict."""
     if all((paths.noise_models / f"ch{c}.npz").is_file() for c in range(2)):
-        noise_models = load_noise_models(paths.noise_models)
-    elif noise_model_files:
-        if len(noise_model_files) != 2:
+        models = load_noise_models(paths.noise_models)
+    elif given:
+        if len(given) != 2:
             raise UserError("--noise-models needs exactly two files (one per channel)")
-        noise_models = [GMMNoiseModel.load(f) for f in noise_model_files]
+        models = [nm if isinstance(nm, GMMNoiseModel) else GMMNoiseModel.load(nm) for nm in given]
     elif prepared.train.clean is not None:
-        noise_models = fit_run_noise_models(cfg, prepared, progress, device)
-    elif tc.loss == "denoisplit":
+        models = fit_run_noise_models(cfg, prepared, progress, device)
+    elif cfg.train.loss == "denoisplit":
         raise UserError("the denoisplit loss needs noise models: the data has no clean images, so fit them with "
                         "`denoisplit-zoo noise-model fit` and pass --noise-models")
-    if noise_models is not None:
-        for c, nm in enumerate(noise_models):
-            if not (paths.noise_models / f"ch{c}.npz").is_file():
-                nm.save(paths.noise_models / f"ch{c}.npz")
-            nm.to(device)
-    loss_noise_models = noise_models if tc.loss == "denoisplit" else None
+    else:
+        return None
+    for c, nm in enumerate(models):
+        if not (paths.noise_models / f"ch{c}.npz").is_file():
+            nm.save(paths.noise_models / f"ch{c}.npz")
+        nm.to(device)
+    return models
 
-    # NHWC convolutions on the CPU: with heap_allocations below, 1.18x (tiny) / 1.13x (small) / 1.51x (paper)
-    # training steps on this project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic
-    # (fixed-noise loss equal). Not measured on CUDA: left contiguous there.
-    fmt = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    model = build_model(cfg)
-    if tc.init_from and (not resume or restart):
-        _init_weights(model, cfg, tc.init_from, paths.provenance)
-    model = model.to(device, memory_format=fmt)
-    opt = torch.optim.Adamax(model.parameters(), lr=tc.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tc.lr_factor,
-                                                       patience=tc.lr_patience, min_lr=1e-12)
-    state = _State()
-    if restart:
-        _truncate_log(paths.log, 0)
-    elif resume:
-        ck = torch_load(paths.last)
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            state.load(ck["state"])
-            torch.set_rng_state(ck["rng_cpu"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise UserError(f"{paths.last} does not fit this run's config.yaml ({type(e).__name__}: {first})") from None
-        if device.type == "cuda" and "rng_cuda" in ck:
-            torch.cuda.set_rng_state(ck["rng_cuda"])
-        _truncate_log(paths.log, state.step)
 
-    dataset = PatchDataset(prepared.train, norm, tc.patch_size, seed=tc.seed)
-    val_x, val_y = validation_tiles(prepared.val, norm, tc.patch_size, max_tiles=64)
-    t_mean = torch.tensor(norm.target_mean, device=device)
-    t_std = torch.tensor(norm.target_std, device=device)
-    latent_shapes = model.latent_shapes(tc.patch_size, tc.patch_size)
-    use_amp = tc.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+class Trainer:
+    """One run's model, optimizer, LR schedule and resumable state on one device, and what can be done with them:
+    `step` (one optimizer step on a batch), `validate`, `checkpoint` / `restore`. `train` drives it over the data;
+    benchmarks/bench_training.py times the same `step`.
 
-    def objective(x, y, training: bool):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            pred, kls = model(x, compute_kl=True)
-        return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=latent_shapes,
-                          noise_models=loss_noise_models, target_mean=t_mean, target_std=t_std,
-                          kl_weight=kl_beta(tc, state.step), free_bits=tc.free_bits,
+    Batches: x (B, 1, P, P) normalised input, y (B, 2, P, P) RAW noisy targets (the likelihood works in raw units).
+    `memory_format` / `amp_dtype` override the device's defaults (benchmarks compare them)."""
+
+    def __init__(self, cfg: RunConfig, norm: Normalization, noise_models: Optional[list[GMMNoiseModel]],
+                 device: torch.device, memory_format: Optional[torch.memory_format] = None,
+                 amp_dtype: Optional[torch.dtype] = None):
+        tc = self.tc = cfg.train
+        self.device = device
+        # NHWC convolutions on the CPU: with heap_allocations, 1.18x (tiny) / 1.13x (small) / 1.51x (paper) training
+        # steps on this project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic
+        # (fixed-noise loss equal). Not measured on CUDA: left contiguous there.
+        self.fmt = memory_format or (torch.channels_last if device.type == "cpu" else torch.contiguous_format)
+        use_amp = tc.amp and device.type == "cuda"
+        default_amp = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16) \
+            if use_amp else None
+        self.amp_dtype = amp_dtype or default_amp
+        self.model = build_model(cfg)
+        self.opt = torch.optim.Adamax(self.model.parameters(), lr=tc.lr)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=tc.lr_factor,
+                                                                patience=tc.lr_patience, min_lr=1e-12)
+        self.state = _State()
+        self.noise_models = noise_models if tc.loss == "denoisplit" else None
+        self.t_mean = torch.tensor(norm.target_mean, device=device)
+        self.t_std = torch.tensor(norm.target_std, device=device)
+        self.latent_shapes = self.model.latent_shapes(tc.patch_size, tc.patch_size)
+        self.running = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0}  # training-loss means since the last validation
+
+    def to_device(self) -> "Trainer":
+        """Move the model (after any weights were loaded into it on the CPU) to the device, in its memory format."""
+        self.model.to(self.device, memory_format=self.fmt)
+        return self
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor):
+        """losses.LossTerms of a batch at the current step's KL weight."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None):
+            pred, kls = self.model(x, compute_kl=True)
+        tc = self.tc
+        return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=self.latent_shapes,
+                          noise_models=self.noise_models, target_mean=self.t_mean, target_std=self.t_std,
+                          kl_weight=kl_beta(tc, self.state.step), free_bits=tc.free_bits,
                           kl_formulation=tc.kl_formulation)
 
-    def validate() -> tuple[float, float]:
-        """Validation loss = reconstruction NLL on fixed tiles (reference: no KL; its MC noise would make the
-        early-stopping signal noisy). Eval mode: BN running stats, no dropout."""
-        model.eval()
+    def batch(self, dataset: PatchDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the epoch's fixed permutation (a function of seed, epoch and position: exact resume)."""
+        st, bs = self.state, self.tc.batch_size
+        dataset.set_epoch(st.epoch)
+        g = torch.Generator().manual_seed(self.tc.seed * 100003 + st.epoch)
+        idx = torch.randperm(len(dataset), generator=g)[st.pos: st.pos + bs].tolist()
+        items = [dataset[i] for i in idx]
+        st.pos += bs
+        if st.pos + bs > len(dataset):
+            st.epoch, st.pos = st.epoch + 1, 0
+        x = torch.stack([b[0] for b in items]).to(self.device, memory_format=self.fmt)
+        return x, torch.stack([b[1] for b in items]).to(self.device)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        """One optimizer step (clipped gradient norm); a non-finite loss or gradient skips the update so one
+        overflowing batch cannot poison the weights. Returns the batch's LossTerms."""
+        terms = self.objective(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        if torch.isfinite(terms.total):
+            terms.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            if torch.isfinite(grad_norm):
+                self.opt.step()
+        self.state.step += 1
+        r = self.running
+        r["loss"] += float(terms.total.detach())
+        r["rec"] += float(terms.reconstruction)
+        r["kl"] += float(terms.kl)
+        r["n"] += 1
+        return terms
+
+    def validate(self, val_x: torch.Tensor, val_y: torch.Tensor) -> tuple[float, float]:
+        """(reconstruction NLL, KL) per tile on fixed validation tiles, with the same latent draws every time. The
+        early-stopping signal is the NLL alone, as in the paper's code (the KL's Monte-Carlo noise would make it
+        noisy). Eval mode: batch-norm running statistics, no dropout."""
+        self.model.eval()
         rec, kl, n = 0.0, 0.0, 0
         g = torch.get_rng_state()
-        torch.manual_seed(tc.seed + 12345)  # same latent draws at every validation
+        torch.manual_seed(self.tc.seed + 12345)
+        bs = self.tc.batch_size
         with torch.no_grad():
-            for i in range(0, len(val_x), tc.batch_size):
-                x = val_x[i: i + tc.batch_size].to(device, memory_format=fmt)
-                y = val_y[i: i + tc.batch_size].to(device)
-                terms = objective(x, y, False)
+            for i in range(0, len(val_x), bs):
+                x = val_x[i: i + bs].to(self.device, memory_format=self.fmt)
+                terms = self.objective(x, val_y[i: i + bs].to(self.device))
                 rec += float(terms.reconstruction) * len(x)
                 kl += float(terms.kl) * len(x)
                 n += len(x)
         torch.set_rng_state(g)
-        model.train()
+        self.model.train()
         return rec / n, kl / n
 
-    def checkpoint(path: Path) -> None:
-        ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-              "state": state.to_dict(), "rng_cpu": torch.get_rng_state()}
-        if device.type == "cuda":
+    def take_running_means(self) -> dict:
+        """The training-loss means since the last call (for the log), and a reset."""
+        r, n = self.running, max(self.running["n"], 1)
+        out = {"train_loss": r["loss"] / n, "train_reconstruction": r["rec"] / n, "train_kl": r["kl"] / n}
+        r.update(loss=0.0, rec=0.0, kl=0.0, n=0)
+        return out
+
+    def checkpoint(self, path: Path) -> None:
+        ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+              "scheduler": self.sched.state_dict(), "state": self.state.to_dict(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
             ck["rng_cuda"] = torch.cuda.get_rng_state()
         torch_save(path, ck)
-        if outputs is not None and path == paths.last:
-            outputs.commit()  # a resumable run from here on: keep the folder even if training fails later
 
-    train_acc = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0}
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint written by `checkpoint`: weights, optimizer, schedule, state and RNG."""
+        ck = torch_load(path)
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.state.load(ck["state"])
+            torch.set_rng_state(ck["rng_cpu"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"{path} does not fit this run's config.yaml ({type(e).__name__}: {first})") from None
+        if self.device.type == "cuda" and "rng_cuda" in ck:
+            torch.cuda.set_rng_state(ck["rng_cuda"])
 
-    def validation_round() -> bool:
-        """Validate, step the LR schedule, checkpoint, log. Returns True when early stopping triggers."""
-        val_rec, val_kl = validate()
+
+def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Optional[NoiseModels],
+           progress: bool, outputs: Optional[OutputSet]) -> TrainResult:
+    restart = resume and not paths.last.is_file()  # killed before the first checkpoint: start again at step 0
+    cfg = _run_config(cfg, paths, resume)
+    tc = cfg.train
+    device = pick_device(tc.device)
+    seed_everything(tc.seed)
+    prepared = prepare_data(cfg.data, tc.patch_size, None if resume and not restart else paths.root)
+    if not resume or restart:
+        write_json(paths.normalization, prepared.norm.to_dict())
+    noise_models = acquire_noise_models(cfg, prepared, paths, given_noise_models, progress, device)
+
+    trainer = Trainer(cfg, prepared.norm, noise_models, device)
+    if tc.init_from and (not resume or restart):
+        _init_weights(trainer.model, cfg, tc.init_from, paths.provenance)
+    trainer.to_device()
+    if restart:
+        _truncate_log(paths.log, 0)
+    elif resume:
+        trainer.restore(paths.last)
+        _truncate_log(paths.log, trainer.state.step)
+    loop = _Loop(trainer, prepared, paths, outputs, progress)
+    return loop.run()
+
+
+class _Loop:
+    """train()'s loop over a Trainer: stopping rules (steps, minutes, early stopping), validation rounds with the
+    LR schedule, the log and the checkpoints, the progress bar."""
+
+    def __init__(self, trainer: Trainer, prepared: PreparedData, paths: RunPaths, outputs: Optional[OutputSet],
+                 progress: bool):
+        self.t, self.paths, self.outputs, self.prepared = trainer, paths, outputs, prepared
+        tc = self.tc = trainer.tc
+        self.dataset = PatchDataset(prepared.train, prepared.norm, tc.patch_size, seed=tc.seed)
+        self.val_x, self.val_y = validation_tiles(prepared.val, prepared.norm, tc.patch_size, max_tiles=64)
+        steps_per_epoch = max(1, len(self.dataset) // tc.batch_size)
+        self.max_steps = tc.max_steps if tc.max_steps is not None else tc.max_epochs * steps_per_epoch
+        self.deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
+        self.t_start = time.monotonic() - trainer.state.seconds
+        self.progress = progress
+        self.bar = None
+
+    def run(self) -> TrainResult:
+        t, st, tc = self.t, self.t.state, self.tc
+        stopped = "max_steps"
+        if st.bad_validations >= tc.early_stop_patience:  # resuming a run that had already stopped early
+            stopped, self.max_steps = "early_stopping", st.step
+        t.model.train()
+        self.bar = tqdm(total=self.max_steps, initial=st.step, desc="train", disable=not self.progress,
+                        dynamic_ncols=True, mininterval=1.0)
+        try:
+            with heap_allocations(t.device.type == "cpu"):  # reuse freed activations (allocator.py)
+                while st.step < self.max_steps:
+                    if self.deadline is not None and time.monotonic() >= self.deadline:
+                        stopped = "max_minutes"
+                        break
+                    terms = t.step(*t.batch(self.dataset))
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}",
+                                         rec=f"{float(terms.reconstruction):.3f}", kl=f"{float(terms.kl):.3f}",
+                                         lr=f"{t.opt.param_groups[0]['lr']:.1e}")
+                    if st.step % tc.val_every == 0 or st.step >= self.max_steps:
+                        if self.validation_round():
+                            stopped = "early_stopping"
+                            break
+                if stopped == "max_minutes" and st.step % tc.val_every != 0:
+                    self.validation_round()  # stopped by the clock between validations: nothing trained is lost
+        finally:
+            self.bar.close()  # before any error message: a bar printed after it would bury it
+        st.seconds = time.monotonic() - self.t_start
+        return TrainResult(self.paths.root, st.step, st.best_val, stopped, st.seconds)
+
+    def validation_round(self) -> bool:
+        """Validate, step the LR schedule, log, checkpoint. Returns True when early stopping triggers."""
+        t, st, tc, paths = self.t, self.t.state, self.tc, self.paths
+        val_rec, val_kl = t.validate(self.val_x, self.val_y)
         if not np.isfinite(val_rec):  # nothing to learn from and nothing worth a checkpoint: stop with a clear error
             kept = f"; {paths.last} keeps the last finite state" if paths.last.is_file() else ""
-            raise UserError(f"training diverged: the validation loss is {val_rec} at step {state.step} (data range "
-                            f"{float(prepared.train.targets.min()):.4g} .. {float(prepared.train.targets.max()):.4g} "
-                            f"raw units){kept}")
-        warming = state.step < tc.kl_warmup_steps  # not yet the paper's objective: no decisions on it
+            targets = self.prepared.train.targets
+            raise UserError(f"training diverged: the validation loss is {val_rec} at step {st.step} (data range "
+                            f"{float(targets.min()):.4g} .. {float(targets.max()):.4g} raw units){kept}")
+        warming = st.step < tc.kl_warmup_steps  # not yet the paper's objective: no decisions on it
         if not warming:
-            sched.step(val_rec)
-        state.seconds = time.monotonic() - t_start
-        n = max(train_acc["n"], 1)
-        entry = {"step": state.step, "epoch": state.epoch, "train_loss": train_acc["loss"] / n,
-                 "train_reconstruction": train_acc["rec"] / n, "train_kl": train_acc["kl"] / n,
-                 "val_loss": val_rec, "val_kl": val_kl, "lr": opt.param_groups[0]["lr"],
-                 "seconds": round(state.seconds, 2), "kl_beta": kl_beta(tc, state.step - 1)}
-        train_acc.update(loss=0.0, rec=0.0, kl=0.0, n=0)
+            t.sched.step(val_rec)
+        st.seconds = time.monotonic() - self.t_start
+        entry = {"step": st.step, "epoch": st.epoch, **t.take_running_means(), "val_loss": val_rec,
+                 "val_kl": val_kl, "lr": t.opt.param_groups[0]["lr"], "seconds": round(st.seconds, 2),
+                 "kl_beta": kl_beta(tc, st.step - 1)}
         # A best found during the warm-up (weaker KL) gives way to the first validation on the full objective, so
         # a run that outlives its warm-up keeps a model trained on the paper's loss; a shorter one keeps its best.
-        superseded = not warming and 0 <= state.best_step < tc.kl_warmup_steps
-        improved = superseded or val_rec < state.best_val - 1e-6
+        superseded = not warming and 0 <= st.best_step < tc.kl_warmup_steps
+        improved = superseded or val_rec < st.best_val - 1e-6
         if improved:
-            state.best_val, state.best_step, state.bad_validations = val_rec, state.step, 0
+            st.best_val, st.best_step, st.bad_validations = val_rec, st.step, 0
         elif not warming:
-            state.bad_validations += 1
+            st.bad_validations += 1
         entry["best"] = improved  # the log's last "best" entry is checkpoints/best.pt
         # Order matters for a kill at any moment: log line, best.pt, then last.pt. A resume starts from last.pt and
         # drops log lines after its step, and replays the same steps (exact resume), so it rewrites both the same.
         _append_log(paths.log, entry)
         if improved:
-            checkpoint(paths.best)
-        checkpoint(paths.last)
-        bar.write(f"step {state.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
-                  f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
-        return state.bad_validations >= tc.early_stop_patience
-
-    steps_per_epoch = max(1, len(dataset) // tc.batch_size)
-    max_steps = tc.max_steps if tc.max_steps is not None else tc.max_epochs * steps_per_epoch
-    deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
-    t_start = time.monotonic() - state.seconds
-    stopped = "max_steps"
-    if state.bad_validations >= tc.early_stop_patience:  # resuming a run that had already stopped early
-        stopped, max_steps = "early_stopping", state.step
-    model.train()
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True,
-               mininterval=1.0)
-    try:
-        with heap_allocations(device.type == "cpu"):  # reuse freed activations (allocator.py)
-            while state.step < max_steps:
-                if deadline is not None and time.monotonic() >= deadline:
-                    stopped = "max_minutes"
-                    break
-                dataset.set_epoch(state.epoch)
-                g = torch.Generator().manual_seed(tc.seed * 100003 + state.epoch)
-                perm = torch.randperm(len(dataset), generator=g)
-                idx = perm[state.pos: state.pos + tc.batch_size].tolist()
-                batch = [dataset[i] for i in idx]
-                x = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
-                y = torch.stack([b[1] for b in batch]).to(device)
-                terms = objective(x, y, True)
-                opt.zero_grad(set_to_none=True)
-                if torch.isfinite(terms.total):
-                    terms.total.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                    # one NaN/inf gradient (e.g. an overflowing likelihood) must not poison the weights: skip the step
-                    if torch.isfinite(grad_norm):
-                        opt.step()
-                state.step += 1
-                state.pos += tc.batch_size
-                if state.pos + tc.batch_size > len(dataset):
-                    state.epoch, state.pos = state.epoch + 1, 0
-                train_acc["loss"] += float(terms.total.detach())
-                train_acc["rec"] += float(terms.reconstruction)
-                train_acc["kl"] += float(terms.kl)
-                train_acc["n"] += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(terms.total.detach()):.3f}", rec=f"{float(terms.reconstruction):.3f}",
-                                kl=f"{float(terms.kl):.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-
-                if state.step % tc.val_every == 0 or state.step >= max_steps:
-                    if validation_round():
-                        stopped = "early_stopping"
-                        break
-            if stopped == "max_minutes" and state.step % tc.val_every != 0:
-                validation_round()  # stopped by the clock between validations: nothing trained is lost
-    finally:
-        bar.close()  # before any error message: a bar printed after it would bury it
-    state.seconds = time.monotonic() - t_start
-    return TrainResult(out, state.step, state.best_val, stopped, state.seconds)
+            t.checkpoint(paths.best)
+        t.checkpoint(paths.last)
+        if self.outputs is not None:
+            self.outputs.commit()  # a resumable run from here on: keep the folder even if training fails later
+        self.bar.write(f"step {st.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
+                       f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
+        return st.bad_validations >= tc.early_stop_patience
 
 
 def _append_log(log: Path, entry: dict) -> None:
@@ -400,6 +472,4 @@ def _truncate_log(log: Path, step: int) -> None:
             continue
         if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
             keep.append(ln)
-    from .fileio import write_text
-
     write_text(log, "".join(ln + "\n" for ln in keep))
