@@ -80,3 +80,16 @@ def test_no_import_cycles():
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_lint_gate():
+    """ruff with the small rule set of pyproject.toml ([tool.ruff.lint]) over the package, tests and benchmarks."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is part of the [test] extra: pip install -c constraints.txt -e '.[test,bmz]'"
+    root = PKG.parent
+    p = subprocess.run([ruff, "check", "--no-cache", "denoisplit_zoo", "tests", "benchmarks"], cwd=root,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-1000:]

@@ -19,7 +19,7 @@ import tifffile
 
 from .export_helpers import network_guard, one_thread
 
-pytest.importorskip("bioimageio.core")
+import bioimageio.core  # noqa: E402,F401  (the [bmz] extra: the README test command installs it)
 
 from denoisplit_zoo import quickstart as qs  # noqa: E402
 from denoisplit_zoo import sample_data  # noqa: E402

@@ -274,22 +274,23 @@ def package(tmp_path_factory, tiny_run):
                            formats=("pytorch_state_dict", "torchscript", "onnx"))
 
 
-def _packages(package):
-    """The minimal package, and the real exported one if test_export.py already built it in this session."""
+@pytest.fixture(scope="module")
+def packages(package, tmp_path_factory, tiny_run):
+    """The minimal package and the real exported one (export_helpers.exported: built once per session, whichever
+    test module asks first), so this module covers both whatever order the tests run in."""
     from . import export_helpers
 
-    found = [package]
-    if export_helpers._CACHE.get("rc") == 0:
-        found.append(export_helpers._CACHE["zip"])
-    return found
+    real = export_helpers.exported(tmp_path_factory, tiny_run)
+    assert real["rc"] == 0, real["stdout"][-2000:]
+    return [package, real["zip"]]
 
 
-def test_package_outputs_stay_finite_for_extreme_inputs_in_all_three_formats(package):
+def test_package_outputs_stay_finite_for_extreme_inputs_in_all_three_formats(packages):
     import onnxruntime as ort
 
     from denoisplit_zoo import export as ex
 
-    for zip_path in _packages(package):
+    for zip_path in packages:
         sampler, _, norm, meta = ex.load_package_sampler(zip_path)
         with zipfile.ZipFile(zip_path) as z:
             scripted = torch.jit.load(io.BytesIO(z.read(ex.TORCHSCRIPT_FILE)), map_location="cpu")

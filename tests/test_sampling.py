@@ -97,7 +97,8 @@ def test_measure_halo_tiny_random_weights():
     assert halo % net.multiple == 0 and net.multiple <= halo <= 128
     assert net.training  # mode restored
     assert all(p.grad is None for p in net.parameters())
-    assert measure_halo(net, tolerance=1e-3) <= halo  # a looser criterion never needs more context
+    # the criterion is monotone in its tolerance: a looser one never needs more context, a stricter one never less
+    assert measure_halo(net, tolerance=1e-2) <= halo <= measure_halo(net, tolerance=1e-5)
 
 
 def test_reflect_index_matches_numpy_and_handles_tiny_axes():

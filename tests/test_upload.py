@@ -17,7 +17,7 @@ import yaml
 
 from .export_helpers import exported, one_thread
 
-pytest.importorskip("bioimageio.core")
+import bioimageio.core  # noqa: E402,F401  (the [bmz] extra: the README test command installs it)
 
 from denoisplit_zoo.cli import main  # noqa: E402
 
