@@ -317,7 +317,7 @@ def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_S
                     device: str = "auto", probes: int = GAIN_PROBES) -> tuple[dict, dict]:
     """Fit the per-channel scales of a loaded run (run_folder.load_run) on its validation images; writes nothing.
     Returns (what calibration.json holds, the fitted channels' reliability data for `plot_calibration`)."""
-    from .sampling import measure_halo, predict_stack
+    from .sampling import predict_stack
 
     if n_samples < 2:
         raise UserError("calibration needs at least 2 posterior samples (--samples)")
@@ -332,7 +332,7 @@ def fit_calibration(run, without_clean: bool = False, n_samples: int = DEFAULT_S
     dev = pick_device(device)
     sampler = run.sampler(n_samples, seed).to(dev)
     sampler.calibration_scale.fill_(1.0)  # fit on the raw sample std
-    halo = measure_halo(sampler.vae)
+    halo = run.halo
     pred = predict_stack(sampler, val.inputs[:n], run.norm, tile, halo, chunk, progress, desc="calibrate")
     targets = val.targets[:n]
     if mode == "clean":

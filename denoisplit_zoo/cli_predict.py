@@ -132,22 +132,28 @@ def _f(v, digits: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------------------- predict
 
 def load_sampler(model: str, n_samples: int | None, seed: int | None):
-    """RUN_DIR or package zip -> (SplitSampler, channel names, Normalization). Defaults: a run folder samples K = 50
-    with seed 42; a package uses its own K and seed."""
+    """RUN_DIR or package zip -> (SplitSampler, channel names, Normalization, halo in px). Defaults: a run folder
+    samples K = 50 with seed 42; a package uses its own K and seed. The halo: the run's (run_folder.Run.halo), or
+    the one the package declares."""
     p = Path(model)
     if p.is_dir():
         from .run_folder import load_run
 
         run = load_run(p)
         k = DEFAULT_SAMPLES if n_samples is None else n_samples
-        return run.sampler(k, DEFAULT_SEED if seed is None else seed), list(run.channel_names), run.norm
+        return run.sampler(k, DEFAULT_SEED if seed is None else seed), list(run.channel_names), run.norm, run.halo
     if p.suffix.lower() == ".zip":
         try:
             from .export import load_package_sampler
         except ImportError:
             raise UserError("predicting with a package zip needs denoisplit_zoo.export (not installed)") from None
-        sampler, names, norm, _ = load_package_sampler(p, n_samples, seed)
-        return sampler, list(names), norm
+        sampler, names, norm, meta = load_package_sampler(p, n_samples, seed)
+        halo = meta.get("halo")
+        if not isinstance(halo, int) or halo < 0:  # an older package that declared none: measure it
+            from .sampling import measure_halo
+
+            halo = measure_halo(sampler.vae)
+        return sampler, list(names), norm, halo
     if not p.exists():
         raise UserError(f"missing model: {p} (give a run folder or an exported model.zip)")
     raise UserError(f"{p}: not a run folder or a .zip package")
@@ -199,13 +205,11 @@ def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None 
 def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, tile, chunk, progress, device):
     from tqdm.auto import tqdm
 
-    from .sampling import measure_halo, predict_stack
-
-    sampler, names, norm = load_sampler(model, n_samples, seed)
     from .runtime import pick_device  # imports torch: kept out of `--help`
+    from .sampling import predict_stack
 
+    sampler, names, norm, halo = load_sampler(model, n_samples, seed)
     sampler = sampler.to(pick_device(device))
-    halo = measure_halo(sampler.vae)
     written: list[Path] = []
     base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
             "units": "raw", "tile": int(tile), "halo": int(halo),

@@ -203,7 +203,7 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
     """Evaluate a run folder; write REPORT_DIR (metrics.json, report.md, examples.png, calibration.png).
     Returns the metrics dict (what metrics.json holds)."""
     from .run_folder import load_run
-    from .sampling import measure_halo, predict_stack
+    from .sampling import predict_stack
 
     if n_samples < 1:
         raise UserError("--samples must be >= 1")
@@ -213,7 +213,7 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
     scales = run.calibration_scale
     sampler = run.sampler(n_samples, seed).to(pick_device(device))
     sampler.calibration_scale.fill_(1.0)  # raw sample std here; the run's scales are applied below
-    halo = measure_halo(sampler.vae)
+    halo = run.halo
     pred = predict_stack(sampler, ev.inputs[:n], run.norm, tile, halo, chunk, progress, desc="evaluate")
     mean, std_raw = pred["mean"], pred["std"]
     std = std_raw * np.asarray(scales, np.float32).reshape(1, 2, 1, 1)

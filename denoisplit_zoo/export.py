@@ -30,7 +30,7 @@ import torch
 
 from .calibration import MIN_SCALE
 from .errors import UserError
-from .model import LadderVAE, SplitSampler
+from .model import SplitSampler
 from .normalization import Normalization
 # the package contract (file names, tensor ids, opset, ...) is package/layout.py's; the names are re-exported here
 # because the writer and its tests use them
@@ -61,13 +61,11 @@ def export_sampler(run, n_samples: int = PACKAGE_SAMPLES, seed: int = PACKAGE_SE
     return sampler.eval()
 
 
-def package_halo(model: LadderVAE) -> int:
-    """Output halo (pixels) declared in the package: the measured effective receptive field (sampling.measure_halo),
-    a multiple of 2**n_levels so blocks stay aligned with the network's down-sampling grid."""
-    from .sampling import measure_halo
-
-    step = 2**model.n_levels
-    return -(-int(measure_halo(model)) // step) * step
+def package_halo(run) -> int:
+    """Output halo (pixels) declared in the package: the run's measured effective receptive field (Run.halo)
+    rounded up to a multiple of 2**n_levels, so blocks stay aligned with the network's down-sampling grid."""
+    step = 2**run.config.model.n_levels
+    return -(-int(run.halo) // step) * step
 
 
 # ------------------------------------------------------------------------------------------------------ weights
@@ -230,7 +228,7 @@ def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Option
     s = seed if seed is not None else (rec.seed if rec.seed is not None else PACKAGE_SEED)
     sampler = export_sampler(run, k, s, noise)
     step = 2**run.config.model.n_levels
-    halo = package_halo(run.model)
+    halo = package_halo(run)
     size = min_input_size(halo, step)
 
     with tempfile.TemporaryDirectory(prefix="denoisplit-export-") as tmp:

@@ -12,14 +12,13 @@ run's provenance.json and the model card), but the architecture must be the sour
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .config import ModelConfig, PresetName, load_run_config
 from .errors import UserError
-from .fileio import read_json, torch_load
+from .fileio import read_json, sha256_file, torch_load
 from .run_folder import RunPaths
 
 # The repository's bundled models (next to the package in a source checkout / editable install, where README's
@@ -57,14 +56,6 @@ def bundled_models() -> dict[str, Path]:
             if (p / "config.yaml").is_file() and (p / "checkpoints" / "best.pt").is_file()}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _from_run(root: Path, source: str, kind: str) -> InitSource:
     if not (root / "config.yaml").is_file():
         raise UserError(f"--init-from {source}: {root} is not a run folder (no config.yaml)")
@@ -81,7 +72,7 @@ def _from_run(root: Path, source: str, kind: str) -> InitSource:
     prov = read_json(prov_path) if prov_path.is_file() else {}
     trained_on = {"data": (prov.get("data") or {}).get("name") or cfg.data.path,
                   "channels": list(cfg.data.channels), "noise": cfg.data.noise.model_dump()}
-    return InitSource(source, kind, ckpt, _sha256(ckpt), cfg.model, cfg.train.patch_size, cfg.preset, state,
+    return InitSource(source, kind, ckpt, sha256_file(ckpt), cfg.model, cfg.train.patch_size, cfg.preset, state,
                       trained_on)
 
 
@@ -100,7 +91,7 @@ def _from_package(path: Path, source: str) -> InitSource:
     trained_on = {"data": training.get("data_source"), "channels": training.get("channels"),
                   "noise": training.get("noise_protocol"), "channel_names": names}
     preset = training.get("preset") if training.get("preset") in ("paper", "small", "tiny") else None
-    return InitSource(source, "package", path, _sha256(path), model, int(arch["patch_size"]), preset,
+    return InitSource(source, "package", path, sha256_file(path), model, int(arch["patch_size"]), preset,
                       sampler.vae.state_dict(), trained_on)
 
 

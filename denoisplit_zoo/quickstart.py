@@ -566,7 +566,7 @@ def _choose_after_training(run_dir: Path, seconds_left: float, val_shape, test_s
     from .run_folder import load_run
 
     run = load_run(run_dir)
-    work = sampling_work(package_halo(run.model), val_shape, test_shape, run.model.multiple)
+    work = sampling_work(package_halo(run), val_shape, test_shape, run.model.multiple)
     ks = samples or choose_samples(seconds_left, work, per_px, per_px_cpu)
     return ks, estimate_seconds(ks, work, per_px, per_px_cpu)
 

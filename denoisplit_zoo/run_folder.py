@@ -12,6 +12,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,9 +22,10 @@ import torch
 from .config import DEFAULT_SEED, RunConfig, load_run_config
 from .data import prepare_data
 from .errors import UserError
-from .fileio import read_json, torch_load
+from .fileio import read_json, sha256_file, torch_load, write_json
 from .model import LadderVAE, SplitSampler
 from .normalization import Normalization
+from .sampling import measure_halo
 
 
 
@@ -68,6 +70,11 @@ class RunPaths:
         return self.root / "calibration.json"
 
     @property
+    def halo(self) -> Path:
+        """The halo measured on checkpoints/best.pt when training ended (with that file's sha256)."""
+        return self.root / "halo.json"
+
+    @property
     def provenance(self) -> Path:
         """Where the run's starting weights came from (fine-tuning) and, for bundled models, what they were trained
         on and how they score."""
@@ -94,6 +101,19 @@ class Run:
     channel_names: list[str] = field(default_factory=lambda: ["A", "B"])
     calibration: Optional[dict] = None
     data_split: Optional[dict] = None
+    checkpoint: Optional[Path] = None  # the file `model`'s weights came from
+
+    @functools.cached_property
+    def halo(self) -> int:
+        """The weights' measured effective receptive-field radius (sampling.measure_halo, input px): the halo tiles
+        need. It grows with training, so it belongs to a checkpoint: read from RUN_DIR/halo.json when that was
+        measured on this very file (sha256), else measured now (~seconds). Measured once per Run either way."""
+        if self.checkpoint is not None and self.paths.halo.is_file():
+            rec = read_json(self.paths.halo)
+            if isinstance(rec, dict) and rec.get("sha256") == sha256_file(self.checkpoint) \
+                    and isinstance(rec.get("halo"), int):
+                return rec["halo"]
+        return measure_halo(self.model)
 
     @property
     def calibration_scale(self) -> list[float]:
@@ -150,7 +170,17 @@ def load_run(path, checkpoint: str = "best") -> Run:
     split = read_json(paths.data_split) if paths.data_split.is_file() else None
     names = list(split.get("channel_names", ["A", "B"])) if split else ["A", "B"]
     calib = read_json(paths.calibration) if paths.calibration.is_file() else None
-    return Run(paths, cfg, model, norm, nms, names, calib, split)
+    return Run(paths, cfg, model, norm, nms, names, calib, split, ckpt_path)
+
+
+def record_halo(root: Path) -> int:
+    """Measure the halo of RUN_DIR/checkpoints/best.pt once (train() calls this when it ends) and keep it in
+    RUN_DIR/halo.json with the checkpoint's sha256, so the later stages read it instead of measuring again."""
+    run = load_run(root)
+    halo = measure_halo(run.model)
+    write_json(run.paths.halo, {"halo": int(halo), "checkpoint": run.checkpoint.name,
+                                "sha256": sha256_file(run.checkpoint)})
+    return int(halo)
 
 
 def resolve_data_path(run, data: Optional[str]) -> str:

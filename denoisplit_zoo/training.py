@@ -28,7 +28,7 @@ from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
 from .normalization import Normalization
 from .pretrained import architecture_mismatch, load_init_source
-from .run_folder import RunPaths, build_model
+from .run_folder import RunPaths, build_model, record_halo
 from .runtime import pick_device
 
 
@@ -342,8 +342,10 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Op
     elif resume:
         trainer.restore(paths.last)
         _truncate_log(paths.log, trainer.state.step)
-    loop = _Loop(trainer, prepared, paths, outputs, progress)
-    return loop.run()
+    result = _Loop(trainer, prepared, paths, outputs, progress).run()
+    if paths.best.is_file():
+        record_halo(paths.root)  # measured once here; calibrate / evaluate / predict / export read it
+    return result
 
 
 class _Loop:
