@@ -64,6 +64,8 @@ def register(sub) -> None:
     p.add_argument("model", metavar="RUN_DIR_OR_ZIP")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="superimposed images: TIFF or .npy, (Y, X) or (N, Y, X)")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files left by an earlier predict (an input file is never overwritten)")
     _common(p, None, f"posterior samples per pixel (default: {DEFAULT_SAMPLES} for a run folder, the package's K "
                      "for a zip)")
     p.set_defaults(func=_cmd_predict)
@@ -120,7 +122,7 @@ def _cmd_evaluate(a) -> int:
 
 def _cmd_predict(a) -> int:
     written = predict_files(a.model, a.inputs, a.out, n_samples=a.samples, seed=a.seed, tile=a.tile, chunk=a.chunk,
-                            progress=not a.no_progress, device=a.device)
+                            progress=not a.no_progress, device=a.device, overwrite=a.overwrite)
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
@@ -183,7 +185,7 @@ def _read_input(path: str) -> np.ndarray:
 
 def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None = None, seed: int | None = None,
                   tile: int = DEFAULT_TILE, chunk: int | None = None, progress: bool = True,
-                  device: str = "auto") -> list[Path]:
+                  device: str = "auto", overwrite: bool = False) -> list[Path]:
     """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
     `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
     raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). All inputs are
@@ -199,16 +201,35 @@ def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None 
     arrays = [_read_input(i) for i in inputs]  # fail on a bad input before spending time on the others
     with OutputSet(out_dir):  # creates OUT_DIR now: an impossible output folder fails before any work
         return _predict_files(model, inputs, arrays, stems, Path(out_dir), n_samples, seed, tile, chunk, progress,
-                              device)
+                              device, overwrite)
 
 
-def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, tile, chunk, progress, device):
+def _output_paths(out: Path, stems: list[str], names: list[str], inputs: list[str], overwrite: bool) -> dict:
+    """{stem: ([mean path per channel], uncertainty path)}, refused (one line) before any work when a path is an
+    input, is planned twice, or exists and `overwrite` is off: an input or an unrelated file is never lost."""
+    plan = {stem: ([out / f"{stem}_{_safe_name(n)}.tif" for n in names], out / f"{stem}_uncertainty.tif")
+            for stem in stems}
+    flat = [p for means, unc in plan.values() for p in (*means, unc)]
+    ins = {Path(i).resolve() for i in inputs}
+    for p in flat:
+        if p.resolve() in ins:
+            raise UserError(f"the output {p} would overwrite the input of the same name; choose another --out")
+        if flat.count(p) > 1:
+            raise UserError(f"two outputs would be written to {p} (channel names {names}); choose other names")
+        if p.exists() and not overwrite:
+            raise UserError(f"{p} exists; refusing to overwrite it (--overwrite replaces earlier outputs)")
+    return plan
+
+
+def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, tile, chunk, progress, device,
+                   overwrite: bool):
     from tqdm.auto import tqdm
 
     from .runtime import pick_device  # imports torch: kept out of `--help`
     from .sampling import predict_stack
 
     sampler, names, norm, halo = load_sampler(model, n_samples, seed)
+    plan = _output_paths(out, stems, names, inputs, overwrite)
     sampler = sampler.to(pick_device(device))
     written: list[Path] = []
     base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
@@ -220,12 +241,11 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
         mean, std = res["mean"], res["std"]  # (N, 2, Y, X)
         stack = arr.ndim == 3
         meta = dict(base, input=str(src))
+        mean_paths, path = plan[stem]
         for c, name in enumerate(names):
-            path = out / f"{stem}_{_safe_name(name)}.tif"
-            _write_tiff(path, mean[:, c] if stack else mean[0, c],
+            _write_tiff(mean_paths[c], mean[:, c] if stack else mean[0, c],
                         dict(meta, channel=name, quantity="MMSE estimate", axes="NYX" if stack else "YX"))
-            written.append(path)
-        path = out / f"{stem}_uncertainty.tif"
+            written.append(mean_paths[c])
         _write_tiff(path, std if stack else std[0],
                     dict(meta, channels=list(names), quantity="calibrated posterior std",
                          axes="NCYX" if stack else "CYX"))

@@ -120,3 +120,28 @@ def test_predict_bad_inputs_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nothing"), str(tmp_path / "ok.npy"), "--out", str(tmp_path / "o")]) == 2
     assert "missing model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_never_overwrites_an_input_or_an_existing_file(tiny_run, tmp_path, capsys):
+    """Outputs are <stem>_<channel>.tif: an input of that name in OUT_DIR, or an earlier output, is refused before
+    any work (one line, files untouched); --overwrite replaces earlier outputs but never an input."""
+    names = json.loads((tiny_run / "data_split.json").read_text())["channel_names"]
+    rng = np.random.default_rng(3)
+    img = rng.uniform(20, 300, (24, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "x.tif", img)
+    victim = tmp_path / f"x_{names[0]}.tif"  # the user's file that the first output would replace
+    tifffile.imwrite(victim, img * 2)
+    before = victim.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        rc = main(["predict", str(tiny_run), str(tmp_path / "x.tif"), str(victim), "--out", str(tmp_path),
+                   "--samples", "2", "--no-progress", *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "would overwrite the input" in err and len(err.splitlines()) == 1
+        assert victim.read_bytes() == before
+    out = tmp_path / "o"
+    args = ["predict", str(tiny_run), str(tmp_path / "x.tif"), "--out", str(out), "--samples", "2", "--no-progress"]
+    assert main(args) == 0
+    first = (out / "x_uncertainty.tif").stat().st_mtime_ns
+    assert main(args) == 2 and "exists; refusing to overwrite" in capsys.readouterr().err
+    assert (out / "x_uncertainty.tif").stat().st_mtime_ns == first
+    assert main([*args, "--overwrite"]) == 0
