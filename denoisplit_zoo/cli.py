@@ -13,6 +13,7 @@ import os
 import sys
 
 from . import cli_export, cli_predict, cli_quickstart
+from .cli_args import positive_float, positive_int
 from .config import NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
 
 
@@ -111,9 +112,9 @@ def _add_noise_model(sub) -> None:
     f = nsub.add_parser("fit", help="fit p(noisy | clean) from paired images or repeated noisy frames")
     f.add_argument("--clean", help="clean image/stack (TIFF or .npy); omit to use the average of the --noisy frames")
     f.add_argument("--noisy", required=True, help="noisy image/stack (TIFF or .npy), same shape as --clean")
-    f.add_argument("--iterations", type=int, default=NM_ITERATIONS)
-    f.add_argument("--batch-size", type=int, default=NM_BATCH)
-    f.add_argument("--min-sigma", type=float, default=NM_MIN_SIGMA,
+    f.add_argument("--iterations", type=positive_int, default=NM_ITERATIONS)
+    f.add_argument("--batch-size", type=positive_int, default=NM_BATCH)
+    f.add_argument("--min-sigma", type=positive_float, default=NM_MIN_SIGMA,
                    help="lower clamp on the components' VARIANCES, despite the name (raw units^2)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output .npz")
@@ -172,10 +173,21 @@ _COMMANDS = [_add_noise_model, _add_train, _add_models, cli_predict.register, cl
              cli_quickstart.register]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with ONE error line (not usage + message): bad options read like every other bad input. Sub-command
+    parsers are of this class too (add_subparsers uses the parent's class)."""
+
+    def error(self, message: str):
+        where = self.prog.partition(" ")[2]  # the sub-command, e.g. "noise-model fit"
+        print(f"denoisplit-zoo: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="denoisplit-zoo",
         description="denoiSplit: split a noisy superimposed fluorescence image into two clean structures, "
                     "with calibrated uncertainty; export as a bioimage.io package.")
@@ -190,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (one line, above): an exit code, also in-process
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -6,32 +6,22 @@ for the same K and seed.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .cli_args import positive_int
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE, GAIN_PROBES
 from .errors import UserError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def _common(p, samples_default, samples_help: str) -> None:
-    p.add_argument("--samples", type=_positive_int, default=samples_default, metavar="K", help=samples_help)
+    p.add_argument("--samples", type=positive_int, default=samples_default, metavar="K", help=samples_help)
     p.add_argument("--seed", type=int, default=None, help="seed of the counter-based latent noise (default 42)")
-    p.add_argument("--tile", type=_positive_int, default=DEFAULT_TILE,
+    p.add_argument("--tile", type=positive_int, default=DEFAULT_TILE,
                    help="tile size in pixels (rounded to a multiple of 2**n_levels; plus a halo each side)")
-    p.add_argument("--chunk", type=_positive_int, default=None,
+    p.add_argument("--chunk", type=positive_int, default=None,
                    help="posterior samples per top-down batch (default: sized to ~1.5 GB of activations)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -43,9 +33,9 @@ def register(sub) -> None:
     p.add_argument("--without-clean", action="store_true",
                    help="use only the noisy validation targets and the noise models (no clean images needed)")
     p.add_argument("--data", help="the training data, if not at the path in the run's config.yaml")
-    p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
-    p.add_argument("--max-images", type=_positive_int, default=None, help="use only the first N validation images")
-    p.add_argument("--probes", type=_positive_int, default=GAIN_PROBES,
+    p.add_argument("--bins", type=positive_int, default=30, help="equal-count bins of the reliability diagram")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use only the first N validation images")
+    p.add_argument("--probes", type=positive_int, default=GAIN_PROBES,
                    help=f"--without-clean: Hutchinson probes of the network's input gain (default {GAIN_PROBES})")
     _common(p, DEFAULT_SAMPLES, f"posterior samples per pixel (default {DEFAULT_SAMPLES}, as in the paper)")
     p.set_defaults(func=_cmd_calibrate)
@@ -54,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--data", help="evaluation data (npz / TIFF folder / 'a.tif,b.tif'); default: the run's test split")
     p.add_argument("--channels", nargs=2, type=int, metavar=("I", "J"), help="channels of --data (default: the run's)")
-    p.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only the first N images")
-    p.add_argument("--bins", type=_positive_int, default=30, help="equal-count bins of the reliability diagram")
+    p.add_argument("--max-images", type=positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--bins", type=positive_int, default=30, help="equal-count bins of the reliability diagram")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     _common(p, DEFAULT_SAMPLES, f"posterior samples per pixel (default {DEFAULT_SAMPLES}, as in the paper)")
     p.set_defaults(func=_cmd_evaluate)

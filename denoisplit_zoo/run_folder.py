@@ -13,6 +13,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -120,7 +121,15 @@ class Run:
         """Per-channel std scale (1.0 before `calibrate`)."""
         if not self.calibration:
             return [1.0, 1.0]
-        return [float(self.calibration["channels"][n]["scale"]) for n in self.channel_names]
+        try:
+            scales = [float(self.calibration["channels"][n]["scale"]) for n in self.channel_names]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{self.paths.calibration}: no numeric scale for channels {self.channel_names}; run "
+                            "`denoisplit-zoo calibrate` again") from None
+        if not all(math.isfinite(v) and v > 0 for v in scales):  # a negative scale would make negative stds
+            raise UserError(f"{self.paths.calibration}: std scales must be finite and > 0, got {scales}; run "
+                            "`denoisplit-zoo calibrate` again")
+        return scales
 
     def sampler(self, n_samples: int, seed: int = DEFAULT_SEED, noise: bool = True) -> SplitSampler:
         """The in-graph sampler (the same module the exported package runs) with this run's weights,

@@ -392,6 +392,9 @@ class _Loop:
                     self.validation_round()  # stopped by the clock between validations: nothing trained is lost
         finally:
             self.bar.close()  # before any error message: a bar printed after it would bury it
+        if st.step == 0:  # e.g. --max-minutes spent before the first batch: no checkpoint, nothing to use
+            raise UserError(f"training stopped before its first step ({stopped}: the budget ran out while the data "
+                            "and noise models were prepared); nothing was trained, give it more time or steps")
         st.seconds = time.monotonic() - self.t_start
         return TrainResult(self.paths.root, st.step, st.best_val, stopped, st.seconds)
 

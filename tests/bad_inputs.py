@@ -257,7 +257,7 @@ def _predict(model: str, *inputs: str, out: str = "out_pred") -> list:
 
 
 def _fit(*args: str, out: str = "out_nm/nm.npz") -> list:
-    return ["noise-model", "fit", *args, "--iterations", "5", "--batch-size", "1000", "--out", out]
+    return ["noise-model", "fit", "--iterations", "5", "--batch-size", "1000", *args, "--out", out]
 
 
 CASES = [
@@ -373,6 +373,12 @@ CASES = [
     Case("nm-constant", "constant frames", _fit("--noisy", "nm_constant.tif"), "out_nm", "constant"),
     Case("nm-out-suffix", "--out without .npz", _fit("--noisy", "nm_clean.tif", out="out_nm/nm.bin"), "out_nm",
          ".npz"),
+    Case("nm-iterations-0", "--iterations 0", _fit("--clean", "nm_clean.tif", "--noisy", "nm_clean.tif",
+         "--iterations", "0"), "out_nm", "positive integer"),
+    Case("nm-batch-0", "--batch-size 0", _fit("--clean", "nm_clean.tif", "--noisy", "nm_clean.tif",
+         "--batch-size", "0"), "out_nm", "positive integer"),
+    Case("nm-min-sigma-negative", "--min-sigma -1", _fit("--clean", "nm_clean.tif", "--noisy", "nm_clean.tif",
+         "--min-sigma", "-1"), "out_nm", "> 0"),
 ]
 
 

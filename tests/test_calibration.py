@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from denoisplit_zoo.calibration import calibrate_arrays, fit_scale, noise_variance, reliability
+from denoisplit_zoo.errors import UserError
 from denoisplit_zoo.noise_model import GMMNoiseModel
 from denoisplit_zoo.run_folder import load_run
 
@@ -200,3 +201,13 @@ def test_noisy_scale_is_recovered_at_low_noise_and_flagged_not_collapsed_at_high
         else:
             assert c["scale"] == FALLBACK_SCALE > MIN_SCALE and c["method"].startswith("fallback")
             assert c["noise_to_error"] > 50 and c["sensitivity_2pct"] > 0.25
+
+
+@pytest.mark.parametrize("scale", [-2.0, 0.0, "nan"])
+def test_a_nonpositive_scale_in_calibration_json_is_refused(tiny_run, tmp_path, scale):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    names = load_run(run).channel_names
+    (run / "calibration.json").write_text(json.dumps({"channels": {n: {"scale": scale} for n in names}}))
+    with pytest.raises(UserError, match="finite and > 0"):
+        load_run(run).calibration_scale

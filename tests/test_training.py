@@ -123,3 +123,11 @@ def test_high_noise_learns_with_the_presets_kl_warmup_and_collapses_without(tmp_
     assert cfg.train.kl_warmup_steps == 0 and PRESETS["tiny"]["train"]["kl_warmup_steps"] == 100
     assert falls["preset"] > 0.01, falls  # measured: 0.021 nats (no warm-up: 0.001)
     assert falls["preset"] > 5 * falls["no_warmup"], falls
+
+
+def test_a_budget_spent_before_the_first_step_is_an_error_and_leaves_nothing(data, tmp_path, capsys):
+    rc = main(["train", "--data", str(data), "--preset", "tiny", "--gaussian", "1", "--max-minutes", "0.000001",
+               "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the noise-model fit's progress bar
+    assert rc == 2 and last.startswith("denoisplit-zoo: error: ") and "before its first step" in last
+    assert not (tmp_path / "run").exists()
