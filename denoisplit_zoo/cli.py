@@ -9,8 +9,11 @@ error", exit 1) unless DENOISPLIT_ZOO_TRACEBACK=1 asks for the traceback. docs/b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 from . import cli_export, cli_predict, cli_quickstart
 from .cli_args import positive_float, positive_int
@@ -198,7 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: the same unwinding as Ctrl-C, so every OutputSet, temporary folder and
+    atomic writer cleans up exactly as it does for SIGINT."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_like_sigint():
+    """While a command runs, SIGTERM (schedulers, `timeout`, `docker stop`) behaves like SIGINT. Only the main
+    thread may install handlers (a notebook calling main() from a worker thread keeps the default)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_like_sigint():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from .errors import UserError
 
     parser = build_parser()
@@ -211,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"denoisplit-zoo: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("denoisplit-zoo: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("denoisplit-zoo: interrupted", file=sys.stderr)
         return 130

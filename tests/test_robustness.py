@@ -317,3 +317,31 @@ def test_package_outputs_stay_finite_for_extreme_inputs_in_all_three_formats(pac
             np.testing.assert_allclose(onnx_out, eager, rtol=1e-4, atol=1e-4 * (1 + np.abs(eager).max()),
                                        err_msg=name)
             assert np.isfinite(ex.predict_raw(sampler, raw, norm)).all(), name  # with the package's pre/post
+
+
+def test_sigterm_is_handled_like_sigint_and_leaves_no_half_run(tmp_path):
+    """SIGTERM (what `timeout`, schedulers and `docker stop` send) during a fresh training, before its first
+    checkpoint: exit 143 with one line, and the half-made run folder is gone, so the same --out works again."""
+    data = write_npz(tmp_path / "data.npz", n=6, size=64)
+    (tmp_path / "slow_nm.yaml").write_text("noise_model: {n_iterations: 100000, batch_size: 10000}\n")
+    run = tmp_path / "run"
+    with open(tmp_path / "train.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "denoisplit_zoo.cli", "train", "--data", str(data),
+                                 "--preset", "tiny", "--gaussian", "1", "--config", str(tmp_path / "slow_nm.yaml"),
+                                 "--max-steps", "5", "--out", str(run)],
+                                stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "config.yaml").is_file():  # the run folder exists: now in the noise-model fit
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = (tmp_path / "train.err").read_text().strip().splitlines()
+    assert proc.returncode == 143 and lines[-1] == "denoisplit-zoo: terminated (SIGTERM)", lines[-3:]
+    assert not run.exists()
