@@ -30,6 +30,7 @@ import torch
 
 from .calibration import MIN_SCALE
 from .errors import UserError
+from .fileio import load_yaml
 from .model import SplitSampler
 from .normalization import Normalization
 # the package contract (file names, tensor ids, opset, ...) is package/layout.py's; the names are re-exported here
@@ -347,7 +348,7 @@ def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Option
         if bad:
             raise UserError(f"{zip_path}: refusing a package with unsafe member names ({bad[0]!r})")
         try:
-            rdf = yaml.safe_load(_read_member(zf, "rdf.yaml", _MAX_RDF_BYTES))
+            rdf = load_yaml(_read_member(zf, "rdf.yaml", _MAX_RDF_BYTES))
         except yaml.YAMLError as e:
             raise UserError(f"{zip_path}: rdf.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
         den = _rdf_config(rdf, zip_path)

@@ -178,9 +178,25 @@ def write_yaml(path, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors / aliases: our files never use them, and a few hundred bytes of nested aliases
+    ("billion laughs") expand to 10^9 nodes that any consumer walking the document would visit."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases are not accepted", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """safe_load without aliases (_NoAliasLoader); yaml.YAMLError for bad or aliased documents."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506  (a SafeLoader subclass)
+
+
 def read_yaml(path) -> Any:
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"missing file: {path}") from None
     except yaml.YAMLError as e:

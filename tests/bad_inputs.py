@@ -151,6 +151,9 @@ def write_packages(root: Path, run: Path) -> Path:
     variant("zip_slip.zip", lambda m: m.update({"../../evil.py": b"print('escaped')\n"}))
     variant("missing_weights.zip", lambda m: m.pop(L.STATE_DICT_FILE))
     variant("rdf_not_ours.zip", lambda m: m.update({"rdf.yaml": b"type: model\nname: someone else's model\n"}))
+    laughs = b"".join(b"l%d: &l%d [%s]\n" % (i, i, b", ".join([b"*l%d" % (i - 1)] * 9) if i else b"lol")
+                      for i in range(9))  # 9 levels of 9 aliases: ~10^8 nodes when expanded
+    variant("yaml_aliases.zip", lambda m: m.update({"rdf.yaml": laughs + m["rdf.yaml"]}))
     (pkg / "garbage.zip").write_bytes(b"PK\x03\x04 not really a zip" * 5)
     data = good.read_bytes()
     (pkg / "truncated.zip").write_bytes(data[: len(data) // 2])
@@ -364,6 +367,8 @@ CASES = [
          "out_pred", "weights.pt"),
     Case("zip-not-ours", "a zip whose rdf.yaml is not a denoisplit package", _predict("{pkg}/rdf_not_ours.zip",
          "img.tif"), "out_pred", "denoisplit"),
+    Case("zip-yaml-aliases", "rdf.yaml with nested aliases (billion laughs)",
+         _predict("{pkg}/yaml_aliases.zip", "img.tif"), "out_pred", "aliases"),
     Case("zip-garbage", "a .zip that is not a zip", _predict("{pkg}/garbage.zip", "img.tif"), "out_pred", "zip"),
     Case("zip-truncated", "package zip cut in half", _predict("{pkg}/truncated.zip", "img.tif"), "out_pred", "zip"),
     # noise-model fit
