@@ -20,7 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from .calibration import DEFAULT_BINS, calibrate_arrays, clean_on_target_scale, noise_variance, plot_calibration
+from .calibration import (DEFAULT_BINS, FALLBACK_SCALE, calibrate_arrays, clean_on_target_scale, noise_variance,
+                          plot_calibration)
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text
@@ -124,6 +125,13 @@ def plot_examples(inputs, mean, std, reference, names: list[str], path, referenc
 
 # ------------------------------------------------------------------------------------------------------- report
 
+def _unreliable_std(scale) -> str:
+    """What an unreliable calibration shipped, in words (calibration.shipped_scale)."""
+    if scale == FALLBACK_SCALE:
+        return f"the posterior's own spread (s = {FALLBACK_SCALE:g})"
+    return f"scaled by an estimate the data do not pin down (s = {_fmt(scale, 3)})"
+
+
 def _fmt(v, digits: int = 2) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
@@ -166,8 +174,9 @@ def render_report(m: dict, run_dir: str) -> str:
                                               "so they understate the quality; calibration uses the noise models to "
                                               "remove the observation noise)"),
         f"- calibration applied: {'yes (calibration.json)' if m['calibrated'] else 'no (run not calibrated: scale 1)'}"
-        + "".join(f"; **{n}: calibration unreliable**, its std is the posterior's own spread (s = 1), not a calibrated "
-                  "error bar" for n, ok in (m.get("calibration_reliable") or {}).items() if ok is False),
+        + "".join(f"; **{n}: calibration unreliable**, its std is {_unreliable_std(m['calibration'][n]['scale'])}, "
+                  "not a calibrated error bar" for n, ok in (m.get("calibration_reliable") or {}).items()
+                  if ok is False),
         "", "| channel | RI-PSNR (dB) | MS-SSIM | MicroSSIM | std scale | calib. slope | calib. offset | calib. R² |",
         "|---|---|---|---|---|---|---|---|",
     ]

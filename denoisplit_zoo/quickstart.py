@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .calibration import FALLBACK_SCALE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
 from .metrics import describe_split
@@ -365,16 +366,17 @@ def split_warnings(metrics: dict) -> list[str]:
 
 def calibration_warnings(metrics: dict) -> list[str]:
     """One line per structure whose calibration without clean data cannot be trusted: flagged unreliable by
-    `calibrate` itself (then shipped as the posterior's own std), or, checked here against the clean images the
+    `calibrate` itself (shipped as the posterior's own std, or as an estimate whose interval excludes 0), or, checked here against the clean images the
     quickstart has, a scale near 0 or a reliability slope far from 1."""
     out = []
     for n in CHANNELS:
         scale, slope = metrics["calibration_scale"][n], metrics["calibration_slope"][n]
         if metrics["calibration_reliable"].get(n) is False:
+            what = "the posterior's own spread" if scale == FALLBACK_SCALE else "an estimate the data do not pin down"
             out.append(f"{n}: the calibration without clean data is unreliable (its noise variance dwarfs the "
                        "prediction error, so a few % of noise-model error decide the fitted scale): its std channel "
-                       f"ships as the posterior's own spread (scale {_f(scale, 3)}; slope {_f(slope, 3)} against the "
-                       "clean images, ideal 1), a relative uncertainty map rather than a calibrated error bar")
+                       f"ships as {what} (scale {_f(scale, 3)}; slope {_f(slope, 3)} against the clean images, "
+                       "ideal 1), a relative uncertainty map rather than a calibrated error bar")
         elif scale is not None and scale < 1e-3 or slope is not None and not 0.25 <= slope <= 4:
             out.append(f"{n}: the calibration without clean data passed its own checks but misses against the clean "
                        f"images (scale {_f(scale, 3)}, slope {_f(slope, 3)}; ideal 1): treat its std channel as a "

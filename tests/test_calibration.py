@@ -70,7 +70,7 @@ def test_recovers_scale_from_noisy_targets_with_the_noise_model():
     for c, name in enumerate("AB"):
         assert res[name]["optimal_scale"] == pytest.approx(TRUE[c], rel=0.06)
     # A is well determined; on B the noise is ~10x the error, so a 2 % error in the noise model (real GMM fits are
-    # no better) would move s by ~30 %: flagged, and the posterior's own std is shipped instead
+    # no better) would move s by ~30 % and its interval is wide: flagged, and the posterior's own std is shipped
     assert res["A"]["reliable"] and res["A"]["scale"] == res["A"]["optimal_scale"]
     assert res["A"]["interval"][0] < TRUE[0] < res["A"]["interval"][1]
     assert not res["B"]["reliable"] and res["B"]["scale"] == 1.0 and res["B"]["method"].startswith("fallback")
@@ -211,3 +211,20 @@ def test_a_nonpositive_scale_in_calibration_json_is_refused(tiny_run, tmp_path, 
     (run / "calibration.json").write_text(json.dumps({"channels": {n: {"scale": scale} for n in names}}))
     with pytest.raises(UserError, match="finite and > 0"):
         load_run(run).calibration_scale
+
+
+def test_an_estimate_that_fails_only_the_sensitivity_test_is_kept_and_flagged():
+    """Noise 5x the error std (25x its variance) over many pixels: the interval is narrow and excludes 0, but a 2 %
+    noise-model error would move s by > 25 %. The estimate is shipped, marked unreliable (W2S x4: it was 0.85-1.36x
+    the clean scale where s = 1 was 0.3x)."""
+    rng = np.random.default_rng(8)
+    shape = (16, 2, 128, 128)
+    clean = rng.uniform(50, 200, size=shape)
+    sigma = np.full(shape, 2.0)
+    mean = clean + rng.normal(size=shape) * 2.0 * sigma  # true scale 2: error std 4
+    noisy = clean + rng.normal(size=shape) * 20.0
+    res = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=np.full(shape, 400.0))
+    for c in res.values():
+        assert not c["reliable"] and c["sensitivity_2pct"] > 0.25
+        assert c["scale"] == c["optimal_scale"] == pytest.approx(2.0, rel=0.1) and "unreliable" in c["method"]
+
