@@ -53,16 +53,16 @@ MIN_SCALE = _MIN_SCALE2**0.5  # the clip floor of a fitted scale: a channel ther
 # pixel blocks of every image (blocks, not pixels: errors are spatially correlated, so pixels are not independent).
 # A noisy-reference scale is `reliable` only if that interval excludes 0, is narrower than MAX_REL_WIDTH x s, and
 # a 2 % error in the noise models' variance moves s by less than MAX_SENSITIVITY x s (the GMM fits are only good
-# to a few %). An estimate that fails only the sensitivity test (its interval excludes 0 and is narrow) is still
-# shipped, flagged: the data pin it down, and on W2S x4 it was 0.85-1.36x the clean-reference scale where the
-# fallback was 0.30-0.35x (docs/calibration.md). Otherwise the calibration falls back to FALLBACK_SCALE, the
-# posterior's own sample std: there is no positive number the data support.
+# to a few %). An unreliable channel ships the maximum-likelihood scale instead (`fit_scale_mle`: it cannot go
+# negative, and it was the closer of the two where the matched estimate failed; `shipped_scale`), flagged; only when
+# that collapses too (<= MLE_FLOOR) does the calibration fall back to FALLBACK_SCALE, the posterior's own std.
 BLOCK = 64
 BOOTSTRAP_REPS = 400
 MAX_REL_WIDTH = 0.5
 MAX_SENSITIVITY = 0.25
 NOISE_ERROR_PCT = 2.0
 FALLBACK_SCALE = 1.0
+MLE_FLOOR = 1e-3  # a maximum-likelihood scale at or below this has collapsed onto the bound: not shipped
 
 
 # --------------------------------------------------------------------------------------------------- pure numerics
@@ -83,11 +83,11 @@ def fit_scale(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarray]
 
 
 def fit_scale_mle(err2: np.ndarray, var: np.ndarray, noise_var: np.ndarray) -> float:
-    """The estimator that cannot go negative, for comparison with `fit_scale` on noisy targets (raw^2 arrays as
-    there): maximum likelihood of e ~ N(0, s^2 var + noise_var) over s >= 0, a 1-D problem solved by a bounded
-    Brent search on log s. It answers a different question where errors do not grow exactly like the sample std
-    (it weights pixels by ~var / noise_var^2, see docs/calibration.md), so it is reported, not shipped. NaN when no
-    pixel has var > 0 and noise_var + var > 0."""
+    """The estimator that cannot go negative, beside `fit_scale` on noisy targets (raw^2 arrays as there): maximum
+    likelihood of e ~ N(0, s^2 var + noise_var) over s >= 0, a 1-D problem solved by a bounded Brent search on
+    log s. Where errors do not grow exactly like the sample std it answers a slightly different question (it
+    weights pixels by ~var / noise_var^2, docs/calibration.md), so the matched `fit_scale` is preferred where that
+    is reliable, and this one shipped where it is not (`shipped_scale`). NaN when no pixel has var > 0."""
     from scipy.optimize import minimize_scalar
 
     err2, var = np.asarray(err2, np.float64).ravel(), np.asarray(var, np.float64).ravel()
@@ -154,16 +154,18 @@ def scale_check(err2: np.ndarray, var: np.ndarray, noise_var: Optional[np.ndarra
 
 
 def shipped_scale(estimate: float, check: dict, noisy: bool) -> tuple[float, str]:
-    """(the scale a calibration ships, how it was chosen) for an estimate and its `scale_check`: a clean-reference
-    or reliable noisy-target estimate as is; an unreliable one whose interval excludes 0 and is narrow (only its
-    sensitivity to the noise model failed; flagged, see the constants above) as is; else FALLBACK_SCALE."""
+    """(the scale a calibration ships, how it was chosen) for the matched estimate and its `scale_check` (with
+    `mle_scale` for a noisy reference): a clean-reference or reliable noisy-target estimate as is; for an unreliable
+    one, the maximum-likelihood scale (it cannot go negative; flagged), unless that collapsed too; else
+    FALLBACK_SCALE. Measured (docs/calibration.md): on W2S x4 and the BPAE quickstart the maximum-likelihood scale
+    of an unreliable channel was 0.79-1.26x the clean-reference scale, s = 1 was 0.25-0.75x."""
     if not noisy:
         return estimate, "clean references"
     if check["reliable"]:
         return estimate, "noisy targets + noise models"
-    lo, hi = check["interval"]
-    if lo > 0 and hi - lo <= MAX_REL_WIDTH * estimate:
-        return estimate, "noisy targets + noise models, unreliable (kept: sensitive to the noise model only)"
+    mle = check.get("mle_scale")
+    if mle is not None and np.isfinite(mle) and mle > MLE_FLOOR:
+        return float(mle), "unreliable: maximum likelihood (noisy targets + noise models)"
     return FALLBACK_SCALE, "fallback: posterior std (s = 1)"
 
 
@@ -209,9 +211,9 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
 
     Returns {name: {scale, optimal_scale, slope, offset, r2, n_pixels, rmv, rmse, count}} (reliability of
     scale * std). A fit (scales None) adds `method`, `reliable`, `interval`, `noise_to_error`, `sensitivity_2pct`
-    (`scale_check`), for a noisy reference `mle_scale` (`fit_scale_mle`, the comparison estimator), and ships
-    `shipped_scale`'s choice: for a noisy reference whose interval reaches 0, FALLBACK_SCALE instead of the estimate
-    (kept as `optimal_scale`): never a silently collapsed channel."""
+    (`scale_check`), for a noisy reference `mle_scale` (`fit_scale_mle`), and ships `shipped_scale`'s choice: for
+    an unreliable noisy-reference estimate (kept as `optimal_scale`) the maximum-likelihood scale or FALLBACK_SCALE,
+    flagged: never a silently collapsed channel."""
     out = {}
     for c, name in enumerate(names):
         err2 = (np.asarray(mean[:, c], np.float64) - target[:, c]) ** 2
@@ -223,11 +225,13 @@ def calibrate_arrays(mean: np.ndarray, std: np.ndarray, target: np.ndarray, name
             scale = float(scales[c])
         else:
             check = scale_check(err2, var, nv)
+            if nv is not None:
+                check["mle_scale"] = fit_scale_mle(err2, var, nv)
             scale, method = shipped_scale(best, check, noisy=nv is not None)
             extra = {"method": method, "reliable": check["reliable"], "interval": check["interval"],
                      "noise_to_error": check["noise_to_error"], "sensitivity_2pct": check["sensitivity_2pct"]}
             if nv is not None:
-                extra["mle_scale"] = fit_scale_mle(err2, var, nv)
+                extra["mle_scale"] = check["mle_scale"]
         rel = reliability(scale * np.sqrt(var), err2, nv, bins)
         out[name] = {"scale": scale, "optimal_scale": best, **extra, "slope": rel.pop("slope"),
                      "offset": rel.pop("offset"), "r2": rel.pop("r2"), "n_pixels": int(err2.size), **rel}
