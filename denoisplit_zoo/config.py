@@ -19,9 +19,11 @@ from .errors import UserError
 DEFAULT_SAMPLES = 50  # posterior samples K per pixel: the paper's evaluation (mmse_count 50)
 DEFAULT_SEED = 42  # seed of the counter-based latent noise at inference
 DEFAULT_TILE = 512  # px, tile edge of whole-image prediction (before the halo)
-# Calibration without clean data: Hutchinson probes of the network's input gain, each with a sampler of
-# GAIN_SAMPLES posterior samples (about the cost of one 50-sample prediction; docs/calibration.md).
-GAIN_PROBES = 4
+# Calibration without clean data: Hutchinson probes of the network's input gain d, each with a sampler of
+# GAIN_SAMPLES posterior samples. One probe: on W2S x4 and the BPAE quickstart, 4 probes moved the estimate by
+# < 0.3 % (d is small for denoiSplit models; its probe noise is averaged by the 9 x 9 box) for 1.8-1.9x the time
+# (docs/calibration.md). `calibrate --probes N` averages more where the gain is large.
+GAIN_PROBES = 1
 GAIN_SAMPLES = 10
 
 # GMM noise-model defaults (the paper's / PPN2V's), raw intensity units; noise_model.py and the CLI use these.
