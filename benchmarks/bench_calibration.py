@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--samples", type=int, default=20, help="posterior samples K")
     ap.add_argument("--max-images", type=int, default=4, help="validation fields used")
     ap.add_argument("--probes", type=int, nargs="+", default=[4], help="Hutchinson probe counts to compare")
+    ap.add_argument("--assemble", action="store_true",
+                    help="no computing: the table from every cached result of the given runs (any probe count)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default="benchmarks/results/calibration")
@@ -67,7 +69,9 @@ def main():
     for run_dir in args.runs:
         info = describe(run_dir)
         run = load_run(run_dir)
-        for probes in args.probes:
+        counts = sorted(int(p.stem.rsplit("_p", 1)[1]) for p in (out / "results").glob(f"{run_dir.name}_p*.json")) \
+            if args.assemble else args.probes
+        for probes in counts:
             cache = out / "results" / f"{run_dir.name}_p{probes}.json"
             if cache.is_file():
                 res = json.loads(cache.read_text())
@@ -99,7 +103,7 @@ def main():
                              "samples": res["n_samples"],
                              "in_target": bool(0.8 <= shipped / chk["scale"] <= 1.25)})
     table = C.markdown_table(rows, [
-        ("run", "run", 0), ("noise", "noise", 0), ("method", "method", 0), ("channel", "channel", 0),
+        ("run", "run", 0), ("data", "data", 0), ("noise", "noise", 0), ("method", "method", 0), ("channel", "channel", 0),
         ("probes", "probes", 0), ("clean", "clean", 3), ("estimate", "estimate", 3), ("95 % interval", "interval", 0),
         ("reliable", "reliable", 0), ("shipped", "shipped", 3), ("est / clean", "est_over_clean", 3),
         ("shipped / clean", "shipped_over_clean", 3), ("MLE / clean", "mle_over_clean", 3),
