@@ -87,7 +87,7 @@ def _cmd_train(a) -> int:
         raise UserError("--data is required (or data.path in --config)")
     src = None
     if a.init_from:
-        from .pretrained import architecture_mismatch, fine_tune_overrides, load_init_source
+        from .pretrained import fine_tune_overrides, load_init_source, require_same_architecture
 
         if a.resume:
             raise UserError("--init-from starts a new run; --resume continues one (its weights come from last.pt)")
@@ -100,9 +100,8 @@ def _cmd_train(a) -> int:
             tr.setdefault(key, val)
         tr["init_from"] = a.init_from
     cfg = build_run_config(preset, over)
-    if src is not None and (mismatch := architecture_mismatch(cfg.model, cfg.train.patch_size, src)):
-        raise UserError(f"--init-from {a.init_from}: architecture differs ({mismatch}); drop --preset / model "
-                        "overrides to take the source's")
+    if src is not None:  # here, before the data and noise models are prepared; train() checks again for API users
+        require_same_architecture(cfg.model, cfg.train.patch_size, src)
     res = train(cfg, a.out, resume=a.resume, noise_models=a.noise_models)
     print(f"trained {res.step} steps in {res.seconds / 60:.1f} min ({res.stopped_because}); "
           f"best val_loss {res.best_val_loss:.4f}; run folder: {res.run_dir}")

@@ -57,19 +57,18 @@ def bundled_models() -> dict[str, Path]:
 
 
 def _from_run(root: Path, source: str, kind: str) -> InitSource:
-    if not (root / "config.yaml").is_file():
+    paths = RunPaths(root)
+    if not paths.is_run():
         raise UserError(f"--init-from {source}: {root} is not a run folder (no config.yaml)")
-    ckpt = next((p for p in (root / "checkpoints" / "best.pt", root / "checkpoints" / "last.pt") if p.is_file()),
-                None)
+    ckpt = paths.weights("best")
     if ckpt is None:
         raise UserError(f"--init-from {source}: the run {root} has no checkpoints (checkpoints/best.pt or last.pt)")
-    cfg = load_run_config(root / "config.yaml")
+    cfg = load_run_config(paths.config)
     ck = torch_load(ckpt)
     state = ck.get("model") if isinstance(ck, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"--init-from {source}: {ckpt} holds no model weights")
-    prov_path = RunPaths(root).provenance
-    prov = read_json(prov_path) if prov_path.is_file() else {}
+    prov = read_json(paths.provenance) if paths.provenance.is_file() else {}
     trained_on = {"data": (prov.get("data") or {}).get("name") or cfg.data.path,
                   "channels": list(cfg.data.channels), "noise": cfg.data.noise.model_dump()}
     return InitSource(source, kind, ckpt, sha256_file(ckpt), cfg.model, cfg.train.patch_size, cfg.preset, state,
@@ -122,6 +121,14 @@ def architecture_mismatch(model: ModelConfig, patch_size: int, source: InitSourc
     if patch_size != source.patch_size:
         return f"train.patch_size: config {patch_size} vs source {source.patch_size}"
     return None
+
+
+def require_same_architecture(model: ModelConfig, patch_size: int, source: InitSource) -> None:
+    """One-line UserError naming the first key where the run's architecture differs from the source's."""
+    mismatch = architecture_mismatch(model, patch_size, source)
+    if mismatch:
+        raise UserError(f"--init-from {source.source}: architecture differs ({mismatch}); drop --preset / model "
+                        "overrides to take the source's")
 
 
 def fine_tune_overrides(src: InitSource, take_architecture: bool = True) -> dict:

@@ -81,6 +81,11 @@ class RunPaths:
         on and how they score."""
         return self.root / "provenance.json"
 
+    def weights(self, checkpoint: str = "best") -> Optional[Path]:
+        """The checkpoint to load: `checkpoint` ("best" or "last"), else last.pt; None when neither exists yet."""
+        first = self.best if checkpoint == "best" else self.last
+        return next((p for p in (first, self.last) if p.is_file()), None)
+
     def is_run(self) -> bool:
         return self.config.is_file()
 
@@ -162,10 +167,8 @@ def load_run(path, checkpoint: str = "best") -> Run:
     if not paths.is_run():
         raise UserError(f"{paths.root} is not a run folder (no config.yaml)")
     cfg = load_run_config(paths.config)
-    ckpt_path = paths.best if checkpoint == "best" else paths.last
-    if not ckpt_path.is_file():
-        ckpt_path = paths.last
-    if not ckpt_path.is_file():
+    ckpt_path = paths.weights(checkpoint)
+    if ckpt_path is None:
         raise UserError(f"{paths.root} has no checkpoint yet (checkpoints/best.pt or last.pt)")
     ckpt = torch_load(ckpt_path)
     model = build_model(cfg)

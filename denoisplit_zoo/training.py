@@ -27,7 +27,7 @@ from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
 from .normalization import Normalization
-from .pretrained import architecture_mismatch, load_init_source
+from .pretrained import load_init_source, require_same_architecture
 from .run_folder import RunPaths, build_model, record_halo
 from .runtime import pick_device
 
@@ -452,10 +452,7 @@ def _init_weights(model, cfg: RunConfig, source: str, provenance: Path) -> None:
     they came from (with the weights file's sha256) in the run's provenance.json. Only weights: the optimizer, the
     noise models and the normalisation are the new run's."""
     src = load_init_source(source)
-    mismatch = architecture_mismatch(cfg.model, cfg.train.patch_size, src)
-    if mismatch:
-        raise UserError(f"--init-from {source}: architecture differs ({mismatch}); drop --preset / model overrides "
-                        "to take the source's")
+    require_same_architecture(cfg.model, cfg.train.patch_size, src)
     try:
         model.load_state_dict(src.state, strict=True)
     except RuntimeError as e:
