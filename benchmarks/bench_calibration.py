@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/calibration")
     args = ap.parse_args()
 
-    from denoisplit_zoo.calibration import fit_calibration, shipped_scale
+    from denoisplit_zoo.calibration import MIN_SCALE, estimators_agree, fit_calibration, shipped_scale
     from denoisplit_zoo.run_folder import load_run
 
     threads = C.set_threads(args.threads)
@@ -89,6 +89,11 @@ def main():
                 lo, hi = c["interval"]
                 # the scale today's rule ships (calibration.shipped_scale; results cached by an earlier rule too),
                 # and its reliability slope against clean: RMV is linear in s, so the slope scales as 1 / s
+                # today's reliability: results cached before the estimator-agreement check get it from their
+                # own two estimates (the same numbers scale_check compares)
+                agree = c["optimal_scale"] <= MIN_SCALE * (1 + 1e-6) or estimators_agree(c["optimal_scale"],
+                                                                                         c["mle_scale"])
+                c = {**c, "reliable": bool(c["reliable"] and agree)}
                 shipped, method = shipped_scale(c["optimal_scale"], c, noisy=True)
                 slope_shipped = None if chk["shipped_slope_vs_clean"] is None else \
                     chk["shipped_slope_vs_clean"] * c["scale"] / shipped
@@ -98,6 +103,7 @@ def main():
                              "shipped_how": method, "est_over_clean": chk["estimate_over_clean"],
                              "shipped_over_clean": shipped / chk["scale"],
                              "mle_over_clean": chk["mle_over_clean"], "noise_to_error": c["noise_to_error"],
+                             "estimator_ratio": c["optimal_scale"] / c["mle_scale"] if c["mle_scale"] else None,
                              "sensitivity_2pct": c["sensitivity_2pct"], "slope_clean": chk["slope"],
                              "slope_shipped": slope_shipped, "n_images": res["n_images"],
                              "samples": res["n_samples"],
@@ -107,6 +113,7 @@ def main():
         ("probes", "probes", 0), ("clean", "clean", 3), ("estimate", "estimate", 3), ("95 % interval", "interval", 0),
         ("reliable", "reliable", 0), ("shipped", "shipped", 3), ("est / clean", "est_over_clean", 3),
         ("shipped / clean", "shipped_over_clean", 3), ("MLE / clean", "mle_over_clean", 3),
+        ("est. / MLE", "estimator_ratio", 2),
         ("noise / error", "noise_to_error", 1), ("2 % sens.", "sensitivity_2pct", 2),
         ("slope, clean s", "slope_clean", 2), ("slope, shipped s", "slope_shipped", 2),
         ("shipped within 0.8–1.25", "in_target", 0)])

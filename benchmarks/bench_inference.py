@@ -101,7 +101,7 @@ def build_sampler(spec: dict, k: int, noise: bool = True):
         s, norm = run.sampler(k, spec["seed"], noise), run.norm
     else:
         torch.manual_seed(0)
-        s = SplitSampler(**spec["arch"], n_samples=k, seed=spec["seed"], noise=noise)
+        s = SplitSampler(**spec["arch"], n_samples=k, seed=spec["seed"], sample_latents=noise)
         norm = SimpleNorm(*spec["norm"])
     s.calibration_scale.fill_(1.0)
     return s.eval().to(torch.device(spec["device"])), norm

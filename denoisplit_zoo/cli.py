@@ -17,7 +17,7 @@ import threading
 
 from . import cli_export, cli_predict, cli_quickstart
 from .cli_args import positive_float, positive_int
-from .config import NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
+from .config import DATA_FROM_RUN, NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
 
 
 def _add_train(sub) -> None:
@@ -40,6 +40,9 @@ def _add_train(sub) -> None:
                    help="fine-tune: start from the weights of a bundled model (see `denoisplit-zoo models`), a run "
                         "folder or a package zip exported by this tool; the architecture (and, unless --preset is "
                         "given, the preset) is the source's")
+    p.add_argument("--init-channels", nargs=2, type=int, choices=(0, 1), metavar=("SRC_A", "SRC_B"),
+                   help="with --init-from: which source structure starts each of this run's two (default 0 1; "
+                        "1 0 when the source was trained on the two structures in the other order)")
     p.add_argument("--out", required=True, help="run folder")
     p.set_defaults(func=_cmd_train)
 
@@ -82,7 +85,7 @@ def _cmd_train(a) -> int:
     if a.poisson is not None:
         nz["poisson"] = a.poisson
     if a.resume and "path" not in dt:
-        dt["path"] = "<from run>"
+        dt["path"] = DATA_FROM_RUN
     if "path" not in dt:
         raise UserError("--data is required (or data.path in --config)")
     src = None
@@ -99,6 +102,10 @@ def _cmd_train(a) -> int:
         for key, val in ft["train"].items():
             tr.setdefault(key, val)
         tr["init_from"] = a.init_from
+    if a.init_channels:
+        if not a.init_from:
+            raise UserError("--init-channels needs --init-from")
+        tr["init_channels"] = tuple(a.init_channels)
     cfg = build_run_config(preset, over)
     if src is not None:  # here, before the data and noise models are prepared; train() checks again for API users
         require_same_architecture(cfg.model, cfg.train.patch_size, src)

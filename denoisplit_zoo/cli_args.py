@@ -16,6 +16,21 @@ def positive_int(text: str) -> int:
     return v
 
 
+# The in-graph latent noise is a counter-based hash of (seed, stream, index) in int64 arithmetic (model.py): a seed
+# outside [0, 2**31) would alias another seed's noise (or overflow), so the CLI refuses it before any work.
+MAX_SEED = 2**31 - 1
+
+
+def latent_seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"the seed must be in 0 .. {MAX_SEED}, got {v}")
+    return v
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (inf and nan refused)."""
     try:

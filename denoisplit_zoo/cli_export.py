@@ -5,6 +5,8 @@ Heavy imports (torch, bioimageio) happen inside the command functions so `--help
 
 from __future__ import annotations
 
+from .cli_args import latent_seed
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="package a run as a self-tested bioimage.io model zip",
@@ -15,12 +17,14 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output model zip")
     p.add_argument("--recipe", help="release recipe (packaging/NAME.yaml): name, authors, licence, citations, ...")
     p.add_argument("--samples", type=int, help="posterior samples K per prediction (default: recipe, else 16)")
-    p.add_argument("--seed", type=int, help="seed of the in-model counter-based noise (default: recipe, else 42)")
+    p.add_argument("--seed", type=latent_seed,
+                   help="seed of the in-model counter-based noise (default: recipe, else 42)")
     p.add_argument("--report", help="REPORT_DIR of `denoisplit-zoo evaluate` for the model card's Validation section")
     p.add_argument("--allow-collapsed-calibration", action="store_true",
                    help="package a channel whose calibration scale is at its clip floor (its std would be ~0)")
-    p.add_argument("--noise-off", action="store_true",
-                   help="deterministic export (posterior means, no sampling; std channels are 0): for halo checks")
+    p.add_argument("--posterior-means", "--noise-off", dest="posterior_means", action="store_true",
+                   help="deterministic export (posterior means, no sampling; std channels are 0): for halo checks "
+                        "(--noise-off: its earlier name)")
     p.set_defaults(func=_cmd_export)
 
     u = sub.add_parser("upload", help="validate, self-test and publish a model zip to bioimage.io",
@@ -33,18 +37,20 @@ def register(sub) -> None:
 def _cmd_export(a) -> int:
     from .export import export_package
 
-    res = export_package(a.run, a.out, recipe=a.recipe, n_samples=a.samples, seed=a.seed, noise=not a.noise_off,
+    res = export_package(a.run, a.out, recipe=a.recipe, n_samples=a.samples, seed=a.seed,
+                         sample_latents=not a.posterior_means,
                          report_dir=a.report, allow_collapsed=a.allow_collapsed_calibration)
     print(res.test_summary)
     print(f"exported {res.path} ({res.size_bytes / 1e6:.2f} MB, {res.seconds:.0f} s): K={res.n_samples}, "
-          f"seed={res.seed}, noise={'counter-hash' if res.noise else 'off'}, halo={res.halo} px, "
+          f"seed={res.seed}, latents={'sampled (counter-hash)' if res.sample_latents else 'posterior means'}, "
+          f"halo={res.halo} px, "
           f"sizes {res.min_size} + n*{res.step} px, "
           f"ONNX IR {res.onnx.get('ir_version')} opset {res.onnx.get('opset')}")
     return 0
 
 
 def _cmd_upload(a) -> int:
-    from .bmz import upload_package
+    from .package.zoo import upload_package
 
     url = upload_package(a.package)
     print(f"uploaded {a.package}; staged for review at {url}")

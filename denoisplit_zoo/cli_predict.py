@@ -7,18 +7,20 @@ for the same K and seed.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from .cli_args import positive_int
+from .cli_args import latent_seed, positive_int
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE, GAIN_PROBES
 from .errors import UserError
 
 
 def _common(p, samples_default, samples_help: str) -> None:
     p.add_argument("--samples", type=positive_int, default=samples_default, metavar="K", help=samples_help)
-    p.add_argument("--seed", type=int, default=None, help="seed of the counter-based latent noise (default 42)")
+    p.add_argument("--seed", type=latent_seed, default=None,
+                   help="seed of the counter-based latent noise (default 42)")
     p.add_argument("--tile", type=positive_int, default=DEFAULT_TILE,
                    help="tile size in pixels (rounded to a multiple of 2**n_levels; plus a halo each side)")
     p.add_argument("--chunk", type=positive_int, default=None,
@@ -75,9 +77,11 @@ def _cmd_calibrate(a) -> int:
               f"{c['n_pixels']} pixels)")
     for name, c in res["channels"].items():
         if not c["reliable"]:
+            why = "; ".join(c.get("unreliable_because") or []) or (
+                f"noise / error {_f(c['noise_to_error'])}, a 2 % noise-model error moves it by "
+                f"{_f(100 * (c['sensitivity_2pct'] or 0), 0)} %")  # calibration.json written before the reasons
             print(f"warning: {name}: calibration unreliable (estimate {c['optimal_scale']:.3g}, interval "
-                  f"{_f(c['interval'][0], 3)} .. {_f(c['interval'][1], 3)}, noise / error {_f(c['noise_to_error'])}, "
-                  f"a 2 % noise-model error moves it by {_f(100 * (c['sensitivity_2pct'] or 0), 0)} %): "
+                  f"{_f(c['interval'][0], 3)} .. {_f(c['interval'][1], 3)}: {why}): "
                   f"shipping scale {c['scale']:.3g} ({c['method']})")
     for name, c in res.get("clean_check", {}).items():
         print(f"{name}: the clean references would give scale {c['scale']:.4g} (shipped / clean = "
@@ -117,6 +121,30 @@ def _cmd_predict(a) -> int:
     return 0
 
 
+# An input whose intensities lie this many training-input stds from the training mean is not the kind of image the
+# network saw: its outputs (a constant 3e38 image: all-zero uncertainty) look valid and mean nothing. A saturated
+# uint16 image on a model trained on 8-bit data is ~10^3 stds out: still predicted, with this warning. Beyond
+# REFUSE_STDS the normalised input is so large that float32 convolutions lose every digit of the image: refused.
+OUT_OF_RANGE_STDS = 100.0
+REFUSE_STDS = 1e6
+
+
+def out_of_range(arr: np.ndarray, norm) -> str | None:
+    """A warning (one line) when raw `arr` lies far outside the training input's range (OUT_OF_RANGE_STDS), a
+    UserError beyond REFUSE_STDS, else None. Raw units in, unit-free z-scores compared."""
+    lo, hi = float(arr.min()), float(arr.max())
+    z = max(abs(lo - norm.input_mean), abs(hi - norm.input_mean)) / norm.input_std
+    if z <= OUT_OF_RANGE_STDS:
+        return None
+    if z > REFUSE_STDS:
+        raise UserError(f"intensities {lo:.4g} .. {hi:.4g} are {z:.3g} training stds from the training mean "
+                        f"{norm.input_mean:.4g}: no prediction of such an image means anything (rescale it to the "
+                        "training data's range)")
+    return (f"intensities {lo:.4g} .. {hi:.4g} are up to {z:.3g} training stds from the training mean "
+            f"{norm.input_mean:.4g} (std {norm.input_std:.4g}): not the kind of image the model saw, so its "
+            "splits and uncertainties are not meaningful (rescale the image to the training data's range)")
+
+
 def _f(v, digits: int = 3) -> str:
     return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
@@ -135,10 +163,7 @@ def load_sampler(model: str, n_samples: int | None, seed: int | None):
         k = DEFAULT_SAMPLES if n_samples is None else n_samples
         return run.sampler(k, DEFAULT_SEED if seed is None else seed), list(run.channel_names), run.norm, run.halo
     if p.suffix.lower() == ".zip":
-        try:
-            from .export import load_package_sampler
-        except ImportError:
-            raise UserError("predicting with a package zip needs denoisplit_zoo.export (not installed)") from None
+        from .package.reader import load_package_sampler  # torch: not for `--help`
         sampler, names, norm, meta = load_package_sampler(p, n_samples, seed)
         halo = meta.get("halo")
         if not isinstance(halo, int) or halo < 0:  # an older package that declared none: measure it
@@ -225,6 +250,13 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
     base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
             "units": "raw", "tile": int(tile), "halo": int(halo),
             "calibration_scale": [float(v) for v in sampler.calibration_scale]}
+    for src, arr in zip(inputs, arrays):
+        try:
+            warning = out_of_range(arr, norm)
+        except UserError as e:
+            raise UserError(f"{src}: {e}") from None
+        if warning:
+            print(f"warning: {src}: {warning}", file=sys.stderr)
     jobs = list(zip(inputs, stems, arrays))
     for src, stem, arr in tqdm(jobs, desc="inputs", disable=not progress or len(inputs) < 2):
         res = predict_stack(sampler, arr, norm, tile, halo, chunk, progress)

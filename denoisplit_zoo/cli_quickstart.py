@@ -10,8 +10,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "quickstart", help="train, calibrate, evaluate and export a model on the bundled sample, in ~10 minutes",
         description="Splits actin from mitochondria in the bundled BPAE sample (CC-BY 4.0, Robert Haase): synthetic "
-                    "noise, noise models, `small` preset training, calibration without clean data, evaluation on a "
-                    "held-out region, a self-tested bioimage.io zip, a prediction through bioimageio.core from the "
+                    "noise, noise models, fine-tuning of the bundled `small` W2S model, calibration without clean "
+                    "data, evaluation on a held-out region, a self-tested bioimage.io zip, a prediction through bioimageio.core from the "
                     "zip, a figure and a report.")
     p.add_argument("--out", default="quickstart_out", help="output folder, missing or empty (default: quickstart_out)")
     p.add_argument("--minutes", type=float, default=10.0,
@@ -19,9 +19,15 @@ def register(sub) -> None:
                         "stages leave")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the split's patches and training")
-    p.add_argument("--init-from", metavar="SOURCE",
-                   help="fine-tune from these weights instead of training from random ones: a bundled model "
-                        "(`denoisplit-zoo models`), a run folder or a package zip exported by this tool")
+    p.add_argument("--gaussian", type=float, default=None,
+                   help="synthetic Gaussian noise std as a multiple of std(mean of the two channels) (default 0.25)")
+    p.add_argument("--poisson", type=float, default=None, help="Poisson factor F: x <- Poisson(x / F) * F (default 1)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--init-from", metavar="SOURCE", default="auto",
+                       help="fine-tune from these weights: a bundled model (`denoisplit-zoo models`), a run folder "
+                            "or a package zip exported by this tool (default: the bundled W2S mitochondria/actin "
+                            "model)")
+    start.add_argument("--from-scratch", action="store_true", help="train from random weights instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines are still printed)")
     p.set_defaults(func=_cmd_quickstart)
 
@@ -29,7 +35,8 @@ def register(sub) -> None:
 def _cmd_quickstart(a) -> int:
     from .quickstart import print_summary, run_quickstart
 
+    noise = {k: v for k, v in (("gaussian", a.gaussian), ("poisson", a.poisson)) if v is not None}
     summary = run_quickstart(a.out, a.minutes, seed=a.seed, device=a.device, progress=not a.no_progress,
-                             init_from=a.init_from)
+                             init_from=None if a.from_scratch else a.init_from, **noise)
     print_summary(summary)
     return 0

@@ -17,6 +17,8 @@ from .errors import UserError
 # Sampling defaults shared by calibrate, evaluate, predict and export (model.py repeats 50 / 42 as SplitSampler's
 # own defaults because it ships verbatim inside packages and may import nothing of ours).
 DEFAULT_SAMPLES = 50  # posterior samples K per pixel: the paper's evaluation (mmse_count 50)
+# data.path of a `train --resume` without --data: the run's own config.yaml says where its data is.
+DATA_FROM_RUN = "<from run>"
 DEFAULT_SEED = 42  # seed of the counter-based latent noise at inference
 DEFAULT_TILE = 512  # px, tile edge of whole-image prediction (before the halo)
 # Calibration without clean data: Hutchinson probes of the network's input gain d, each with a sampler of
@@ -120,6 +122,9 @@ class TrainConfig(_Strict):
     # Fine-tuning: start from these network weights (pretrained.load_init_source: a bundled model's name, a run
     # folder or an exported zip) instead of random ones; the architecture must be the source's.
     init_from: Optional[str] = None
+    # Which output channel of the source starts each of this run's two structures: (0, 1) keeps the source's order,
+    # (1, 0) swaps it (a model trained on mitochondria/actin fine-tuned on actin/mitochondria). None = (0, 1).
+    init_channels: Optional[tuple[Literal[0, 1], Literal[0, 1]]] = None
     val_every: int = Field(200, ge=1, description="optimizer steps between validations/checkpoints")
     max_steps: Optional[int] = Field(None, ge=1)
     max_minutes: Optional[float] = Field(None, gt=0)
@@ -145,6 +150,9 @@ class RunConfig(_Strict):
             raise ValueError(f"loss {self.train.loss!r} needs model.out_channels={want}")
         if self.train.patch_size % self.model.multiple:
             raise ValueError(f"patch_size must be a multiple of {self.model.multiple} (2**n_levels)")
+        ic = self.train.init_channels
+        if ic is not None and (sorted(ic) != [0, 1] or not self.train.init_from):
+            raise ValueError("train.init_channels must be (0, 1) or (1, 0), and needs train.init_from")
         return self
 
 

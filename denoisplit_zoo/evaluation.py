@@ -250,6 +250,9 @@ def evaluate_run(run_dir, out, data: Optional[str] = None, channels: Optional[tu
         "calibration_mode": "clean" if kind == "clean" else "noisy", "calibrated": run.calibration is not None,
         "calibration_reliable": {nm: ((run.calibration or {}).get("channels", {}).get(nm) or {}).get("reliable")
                                  for nm in names},
+        "calibration_unreliable_because": {
+            nm: ((run.calibration or {}).get("channels", {}).get(nm) or {}).get("unreliable_because") or []
+            for nm in names},
         "image_size": [int(s) for s in ev.inputs.shape[-2:]], "data": ev.source, "split": ev.split,
         "halo": int(halo), "tile": int(tile), "run": str(run_dir), "channel_names": names,
     }

@@ -85,15 +85,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
             os.fsync(f.fileno())
+        # A new file is registered with the active OutputSets BEFORE the rename: a Ctrl-C landing between the two
+        # would otherwise leave a file that no cleanup knows (a first config.yaml makes a folder "a run"). A file
+        # that already existed is registered only once replaced: a failure must never delete what was there.
+        new = not path.exists()
+        if new:
+            for s in _ACTIVE_SETS:
+                s.files.append(path)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and not e.filename:
             e.filename = str(path)
         raise
+    if not new:
+        for s in _ACTIVE_SETS:
+            s.files.append(path)
     _fsync_dir(path.parent)
-    for s in _ACTIVE_SETS:
-        s.files.append(path)
 
 
 @contextlib.contextmanager
@@ -256,8 +264,15 @@ def torch_load(path, map_location="cpu") -> Any:
 
 
 def read_tiff(path) -> np.ndarray:
-    """A TIFF file as a numpy array; a missing, truncated or non-TIFF file is a one-line UserError. tifffile's own
-    log messages (e.g. "invalid page offset" on a truncated file) are silenced: the error says it once."""
+    """A single-channel TIFF image or stack as a numpy array, interpreted by its own metadata (tifffile's series
+    axes), not by its shape: a missing, truncated or non-TIFF file, and one that holds colour samples or several
+    channels per pixel, is a one-line UserError that says how to convert it. tifffile's own log messages (e.g.
+    "invalid page offset" on a truncated file) are silenced: the error says it once.
+
+    Accepted: axes YX, or one stack axis + YX (frames, z, time: N images). Refused: interleaved colour (YXS, e.g.
+    an RGB TIFF from an image editor, which a shape rule would read as 64 images of 64 x 3 px), a channel axis C
+    of size > 1 (ImageJ hyperstacks), anything with more than one stack axis. A planar (S, Y, X) series is read as
+    S frames: tifffile itself writes every float (3, Y, X) stack that way, so it is not evidence of colour."""
     import tifffile
 
     path = Path(path)
@@ -267,13 +282,25 @@ def read_tiff(path) -> np.ndarray:
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        arr = np.asarray(tifffile.imread(str(path)))
+        with tifffile.TiffFile(str(path)) as tf:
+            series = tf.series[0]
+            axes = series.axes
+            arr = np.asarray(series.asarray())
     except Exception as e:  # TiffFileError, ValueError, OSError, struct.error on truncated or non-TIFF files
         raise UserError(f"{path} is not a readable TIFF file ({one_line(e)})") from None
     finally:
         log.setLevel(level)
     if arr.size == 0:
         raise UserError(f"{path} is not a readable TIFF file (no pixel data)")
+    shape = "x".join(map(str, arr.shape))
+    if axes.endswith("S") and arr.shape[-1] > 1:
+        raise UserError(f"{path} is a colour TIFF (axes {axes}, {shape}: {arr.shape[-1]} samples per pixel); this "
+                        "tool reads one grey channel per file: save the mixed image as a single-channel TIFF "
+                        "(Fiji: Image > Type > 32-bit; Python: tifffile.imwrite(out, img[..., 0]))")
+    if "C" in axes and arr.shape[axes.index("C")] > 1:
+        raise UserError(f"{path} holds {arr.shape[axes.index('C')]} channels (axes {axes}, {shape}); this tool "
+                        "reads one channel per file: save each channel (or the mixed image) as its own TIFF "
+                        "(Fiji: Image > Color > Split Channels)")
     return arr
 
 

@@ -295,7 +295,8 @@ class SplitSampler(nn.Module):
     [MMSE A, MMSE B, calibrated std A, calibrated std B], all in normalised target units.
 
     The bottom-up pass runs once; the K top-down passes run as one batch of B*K with counter-based latent noise
-    (seed, stream = level). `noise=False` uses the posterior means (eps = 0): deterministic, for halo checks.
+    (seed, stream = level). `sample_latents=False` takes the posterior means instead (eps = 0): deterministic, std 0,
+    for halo checks.
     Buffers carry what a package needs to be self-describing: the calibration scales, the normalisation and the two
     GMM noise models (weights (2, 3*n_gaussians, n_coeffs), signal ranges, min_sigma; raw units). The noise models
     are not used at inference: they are the likelihood the network was trained against, kept for provenance.
@@ -303,12 +304,12 @@ class SplitSampler(nn.Module):
 
     def __init__(self, n_levels: int = 4, z_dim: int = 128, n_filters: int = 64, dropout: float = 0.1,
                  out_channels: int = 2, patch_size: int = 128, n_samples: int = 50, seed: int = 42,
-                 noise: bool = True, n_gaussians: int = 6, n_coeffs: int = 4):
+                 sample_latents: bool = True, n_gaussians: int = 6, n_coeffs: int = 4):
         super().__init__()
         self.vae = LadderVAE(n_levels, z_dim, n_filters, dropout, out_channels, patch_size)
         self.n_samples = n_samples
         self.seed = seed
-        self.noise = noise
+        self.sample_latents = sample_latents
         self.register_buffer("calibration_scale", torch.ones(2))
         self.register_buffer("input_mean", torch.zeros(1))
         self.register_buffer("input_std", torch.ones(1))
@@ -328,7 +329,7 @@ class SplitSampler(nn.Module):
         eps: List[torch.Tensor] = []
         for i, v in enumerate(bu):
             shape = [v.shape[0], self.vae.z_dim, v.shape[2], v.shape[3]]
-            if self.noise:
+            if self.sample_latents:
                 eps.append(counter_normal(shape, self.seed, i, x.device).to(xp.dtype))
             else:
                 eps.append(torch.zeros(shape, dtype=xp.dtype, device=xp.device))

@@ -3,8 +3,8 @@
 SOURCE is one of
 - the name of a model bundled in the repository's `weights/` folder (each one a run folder, see `bundled_models`),
 - a run folder (config.yaml + checkpoints/best.pt, else last.pt),
-- a bioimage.io zip exported by this tool (read by export.load_package_sampler: sha256 checked, tensors loaded with
-  weights_only=True, the packaged python code never imported).
+- a bioimage.io zip exported by this tool (read by package.reader.load_package_sampler: sha256 checked, tensors
+  loaded with weights_only=True, the packaged python code never imported).
 Only the network weights are taken. Noise models, normalisation, optimizer state and the data split come from the
 new run: fine-tuning on other channels, another microscope or another noise level is allowed (and stated in the
 run's provenance.json and the model card), but the architecture must be the source's.
@@ -69,14 +69,16 @@ def _from_run(root: Path, source: str, kind: str) -> InitSource:
     if not isinstance(state, dict):
         raise UserError(f"--init-from {source}: {ckpt} holds no model weights")
     prov = read_json(paths.provenance) if paths.provenance.is_file() else {}
+    split = read_json(paths.data_split) if paths.data_split.is_file() else {}
+    names = list(((prov.get("data") or {}).get("channels") or {}).keys()) or split.get("channel_names")
     trained_on = {"data": (prov.get("data") or {}).get("name") or cfg.data.path,
-                  "channels": list(cfg.data.channels), "noise": cfg.data.noise.model_dump()}
+                  "channels": list(cfg.data.channels), "noise": cfg.data.noise.model_dump(), "channel_names": names}
     return InitSource(source, kind, ckpt, sha256_file(ckpt), cfg.model, cfg.train.patch_size, cfg.preset, state,
                       trained_on)
 
 
 def _from_package(path: Path, source: str) -> InitSource:
-    from .export import load_package_sampler  # the package reader pulls in the export stack: only when needed
+    from .package.reader import load_package_sampler  # torch and the model: only when a zip is named
 
     sampler, names, _, meta = load_package_sampler(path)
     arch = meta["architecture"]
@@ -139,6 +141,37 @@ def fine_tune_overrides(src: InitSource, take_architecture: bool = True) -> dict
     if not take_architecture:
         return {"train": train}
     return {"model": src.model.model_dump(), "train": {"patch_size": src.patch_size, **train}}
+
+
+def reorder_output_channels(state: dict, order: tuple[int, int]) -> dict:
+    """A LadderVAE state dict whose two structures come out in `order` (order[c] = the source channel that becomes
+    channel c). Only the output head knows which structure is which: its rows are [A, B] (denoiSplit) or
+    [mean A, mean B, log-variance A, log-variance B] (uSplit), so permuting them swaps the structures exactly."""
+    if tuple(order) == (0, 1):
+        return state
+    out = dict(state)
+    for key in ("head.weight", "head.bias"):
+        rows = state[key].shape[0]
+        perm = [g * 2 + order[c] for g in range(rows // 2) for c in range(2)]
+        out[key] = state[key][perm].clone()
+    return out
+
+
+def channel_order(source_names, names) -> Optional[tuple[int, int]]:
+    """(0, 1), (1, 0) or None (cannot tell): how a source trained on structures `source_names` maps onto a run on
+    `names`, by name (case-insensitive; one name a prefix of the other counts, so "mito" matches "mitochondria")."""
+    if not source_names or len(source_names) != 2 or len(names) != 2:
+        return None
+
+    def same(a: str, b: str) -> bool:
+        a, b = a.lower(), b.lower()
+        return a.startswith(b) or b.startswith(a)
+
+    for order in ((0, 1), (1, 0)):
+        if all(same(names[c], source_names[order[c]]) for c in range(2)) and not all(
+                same(names[c], source_names[1 - order[c]]) for c in range(2)):
+            return order
+    return None
 
 
 def describe_bundled() -> list[dict]:

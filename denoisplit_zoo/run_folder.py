@@ -8,12 +8,17 @@ RUN_DIR/
   checkpoints/         best.pt, last.pt (weights_only=True loadable)
   log.jsonl            one JSON object per validation
   calibration.json     after `calibrate`
+  .in_use.json         while a command writes the folder: who (pid, command, since); see RunLock
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,10 +29,59 @@ from .config import DEFAULT_SEED, RunConfig, load_run_config
 from .data import prepare_data
 from .errors import UserError
 from .fileio import read_json, sha256_file, torch_load, write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked (RunLock is then a no-op)
+    fcntl = None
 from .model import LadderVAE, SplitSampler
 from .normalization import Normalization
 from .sampling import measure_halo
 
+
+
+class RunLock:
+    """`with RunLock(run_dir, "train"):` - an exclusive lock on a run folder for every command that writes it (train,
+    calibrate), so two of them cannot interleave log.jsonl or checkpoints. The second gets one UserError line naming
+    the holder (from RUN_DIR/.in_use.json). The lock is flock on the folder itself, not on a lock file: the kernel
+    drops it when the holder dies (even SIGKILL), and nothing has to be cleaned up in a folder a failed fresh run
+    removes. (filelock needs a lock file inside or beside the folder, which is why it is not used here.)"""
+
+    HOLDER = ".in_use.json"
+
+    def __init__(self, root: str | os.PathLike, command: str):
+        self.root, self.command, self.fd = Path(root), command, None
+
+    def __enter__(self) -> "RunLock":
+        if fcntl is None:
+            return self
+        self.fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{self.root} is in use by {self._holder()}; wait for it to finish (or stop it)") from None
+        with contextlib.suppress(OSError):  # who holds it, for the message above; best effort
+            write_json(self.root / self.HOLDER, {"pid": os.getpid(), "command": self.command,
+                                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                 "argv": sys.argv[1:]})
+        return self
+
+    def _holder(self) -> str:
+        try:
+            h = read_json(self.root / self.HOLDER)
+            return f"another denoisplit-zoo `{h.get('command')}` (pid {h.get('pid')}, since {h.get('since')})"
+        except Exception:  # noqa: BLE001  (missing or half-written: the lock itself is the evidence)
+            return "another denoisplit-zoo process"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.root / self.HOLDER).unlink(missing_ok=True)
+        os.close(self.fd)  # releases the flock
+        self.fd = None
 
 
 @dataclass(frozen=True)
@@ -136,12 +190,13 @@ class Run:
                             "`denoisplit-zoo calibrate` again")
         return scales
 
-    def sampler(self, n_samples: int, seed: int = DEFAULT_SEED, noise: bool = True) -> SplitSampler:
+    def sampler(self, n_samples: int, seed: int = DEFAULT_SEED, sample_latents: bool = True) -> SplitSampler:
         """The in-graph sampler (the same module the exported package runs) with this run's weights,
         normalisation, calibration and noise models as buffers. Eval mode."""
         m = self.config.model
         s = SplitSampler(m.n_levels, m.z_dim, m.n_filters, m.dropout, m.out_channels, self.config.train.patch_size,
-                         n_samples=n_samples, seed=seed, noise=noise, n_gaussians=self.config.noise_model.n_gaussians,
+                         n_samples=n_samples, seed=seed, sample_latents=sample_latents,
+                         n_gaussians=self.config.noise_model.n_gaussians,
                          n_coeffs=self.config.noise_model.n_coeffs)
         s.vae.load_state_dict(self.model.state_dict())
         s.calibration_scale.copy_(torch.tensor(self.calibration_scale))
@@ -196,15 +251,26 @@ def record_halo(root: Path) -> int:
 
 
 def resolve_data_path(run, data: Optional[str]) -> str:
-    """The data set to rebuild splits from: `data` if given, else the run's config path (as written, or relative to
-    the run folder or its parent, since a relative path was relative to where `train` ran)."""
-    if data:
-        return data
-    p = Path(run.config.data.path)
-    for cand in (p, run.paths.root / p, run.paths.root.parent / p):
-        if cand.exists() or ("," in str(p) and all(Path(s.strip()).exists() for s in str(cand).split(","))):
-            return str(cand)
-    raise UserError(f"the run's training data is not at {p}; pass --data PATH (the same file the run was trained on)")
+    """The data set to rebuild splits from: `data` if given, else the run's config path (`locate_data`)."""
+    return data if data else locate_data(run.config.data.path, run.paths.root)
+
+
+def absolute_data_path(path: str) -> str:
+    """data.path with every part (a file, a folder, or 'a.tif,b.tif') made absolute: what a new run's config.yaml
+    stores, so a later --resume, calibrate or evaluate from another folder finds the same data."""
+    return ",".join(str(Path(p.strip()).resolve()) for p in str(path).split(","))
+
+
+def locate_data(path: str, root: Path) -> str:
+    """A run's data.path as written, or relative to the run folder or its parent (runs written before paths were
+    stored absolute: relative to where `train` ran). One UserError line when none exists."""
+    parts = [Path(s.strip()) for s in str(path).split(",")]  # one file or folder, or a pair 'a.tif,b.tif'
+    for base in (None, root, root.parent):
+        cand = [p if base is None or p.is_absolute() else base / p for p in parts]
+        if all(c.exists() for c in cand):
+            return ",".join(map(str, cand))
+    raise UserError(f"the run's training data is not at {path}; pass --data PATH (the same file the run was trained "
+                    "on)")
 
 
 def prepare_run_split(run, split: str, data: Optional[str] = None):

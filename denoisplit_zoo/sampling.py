@@ -156,7 +156,7 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
         eps = []
         for i, v in enumerate(bu):
             inner = vae.z_dim * v.shape[2] * v.shape[3]
-            if sampler.noise:
+            if sampler.sample_latents:
                 # this chunk's slice of the noise the whole batch of K would get: chunking is invisible
                 shape = [n * b, vae.z_dim, v.shape[2], v.shape[3]]
                 eps.append(counter_normal(shape, sampler.seed, i, xp.device, start=k0 * b * inner).to(xp.dtype))

@@ -20,15 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .allocator import heap_allocations
-from .config import RunConfig, load_run_config
+from .config import DATA_FROM_RUN, RunConfig, load_run_config
 from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
 from .errors import UserError
-from .fileio import OutputSet, remove_stale_temps, torch_load, torch_save, write_json, write_text, write_yaml
+from .fileio import (OutputSet, read_json, remove_stale_temps, torch_load, torch_save, write_json, write_text,
+                     write_yaml)
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
 from .normalization import Normalization
-from .pretrained import load_init_source, require_same_architecture
-from .run_folder import RunPaths, build_model, record_halo
+from .pretrained import load_init_source, reorder_output_channels, require_same_architecture
+from .run_folder import RunLock, RunPaths, absolute_data_path, build_model, locate_data, record_halo
 from .runtime import pick_device
 
 
@@ -148,22 +149,59 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: O
     out = Path(out)
     paths = _prepare_run_dir(out, resume)
     if resume:
-        return _train(cfg, paths, resume, noise_models, progress, None)
+        with RunLock(out, "train --resume"):
+            return _train(cfg, paths, resume, noise_models, progress, None)
     with OutputSet(out) as outputs:
         if not os.access(out, os.W_OK):
             raise UserError(f"{out} is not writable")
-        return _train(cfg, paths, resume, noise_models, progress, outputs)
+        with RunLock(out, "train"):
+            return _train(cfg, paths, resume, noise_models, progress, outputs)
 
 
 def _run_config(cfg: RunConfig, paths: RunPaths, resume: bool) -> RunConfig:
     """The config a (re)started run trains with: a fresh run writes `cfg` (from then on the folder is a run folder);
     a resumed one takes its saved config, with only the caller's stopping limits."""
-    if not resume:
+    if not resume:  # the data path stored absolute: --resume, calibrate and evaluate work from any folder
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": absolute_data_path(cfg.data.path)})})
         write_yaml(paths.config, json.loads(cfg.model_dump_json()))
         return cfg
     saved = load_run_config(paths.config)
     limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}
-    return saved.model_copy(update={"train": saved.train.model_copy(update=limits)})
+    # --data on resume is honoured (the data moved), and `_check_resumed_data` proves it is the same data
+    path = cfg.data.path if cfg.data.path != DATA_FROM_RUN else locate_data(saved.data.path, paths.root)
+    return saved.model_copy(update={"train": saved.train.model_copy(update=limits),
+                                    "data": saved.data.model_copy(update={"path": path})})
+
+
+def _refuse_lost_history(paths: RunPaths) -> None:
+    """A resume that would restart from step 0 (no last.pt) is refused once the run has a history: restarting would
+    overwrite it. A run killed before its first last.pt holds at most one logged validation (and maybe best.pt: the
+    order is log line, best.pt, last.pt), so two or more mean last.pt was lost, not never written."""
+    logged = [ln for ln in paths.log.read_text(errors="replace").splitlines() if ln.strip()] \
+        if paths.log.is_file() else []
+    if len(logged) >= 2:
+        raise UserError(f"{paths.last} is missing but the run has trained ({len(logged)} validations logged"
+                        f"{', best.pt kept' if paths.best.is_file() else ''}): resuming would restart from step 0 "
+                        "and overwrite that history; restore last.pt, or start a new run with another --out")
+
+
+def _check_resumed_data(paths: RunPaths, prepared: PreparedData) -> None:
+    """A resumed run must train on the data its folder describes: the split, noise protocol and channels rebuilt
+    from config.yaml (perhaps edited since) and --data equal data_split.json, and the normalisation equals
+    normalization.json. One UserError line naming what differs."""
+    saved = read_json(paths.data_split) if paths.data_split.is_file() else None
+    if saved is not None:
+        now = json.loads(json.dumps(prepared.split))
+        # what the run recorded (files of earlier versions have fewer keys); the path may be spelled differently
+        for key in sorted(set(saved) - {"source"}):
+            if saved.get(key) != now.get(key):
+                raise UserError(f"{paths.root}: the data config.yaml describes now differs from the run's "
+                                f"data_split.json ({key}: {str(now.get(key))[:60]} vs {str(saved.get(key))[:60]}); "
+                                "config.yaml was edited or --data is other data: start a new run")
+    norm = json.loads(json.dumps(prepared.norm.to_dict()))  # tuples as lists, as the file holds them
+    if paths.normalization.is_file() and read_json(paths.normalization) != norm:
+        raise UserError(f"{paths.root}: the data's normalisation differs from normalization.json (other data than "
+                        "the run started with): start a new run")
 
 
 def acquire_noise_models(cfg: RunConfig, prepared: PreparedData, paths: RunPaths, given: Optional[NoiseModels],
@@ -328,7 +366,11 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Op
     tc = cfg.train
     device = pick_device(tc.device)
     seed_everything(tc.seed)
+    if restart:
+        _refuse_lost_history(paths)
     prepared = prepare_data(cfg.data, tc.patch_size, None if resume and not restart else paths.root)
+    if resume and not restart:
+        _check_resumed_data(paths, prepared)
     if not resume or restart:
         write_json(paths.normalization, prepared.norm.to_dict())
     noise_models = acquire_noise_models(cfg, prepared, paths, given_noise_models, progress, device)
@@ -453,12 +495,13 @@ def _init_weights(model, cfg: RunConfig, source: str, provenance: Path) -> None:
     noise models and the normalisation are the new run's."""
     src = load_init_source(source)
     require_same_architecture(cfg.model, cfg.train.patch_size, src)
+    order = tuple(cfg.train.init_channels or (0, 1))
     try:
-        model.load_state_dict(src.state, strict=True)
+        model.load_state_dict(reorder_output_channels(src.state, order), strict=True)
     except RuntimeError as e:
         raise UserError(f"--init-from {source}: the weights do not fit the architecture "
                         f"({str(e).strip().splitlines()[0]})") from None
-    write_json(provenance, {"init_from": src.provenance()})
+    write_json(provenance, {"init_from": {**src.provenance(), "channel_order": list(order)}})
 
 
 def _truncate_log(log: Path, step: int) -> None:

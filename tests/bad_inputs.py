@@ -43,6 +43,7 @@ def write_inputs(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     clean = two_structures(6, 64)  # (6, 2, 64, 64) float32, ~20..250
     (root / "fast.yaml").write_text(FAST_CONFIG)
+    (root / "folder.zip").mkdir(exist_ok=True)  # `export --out` onto a folder
     np.savez(root / "good.npz", clean=clean)
     np.savez(root / "ndim.npz", clean=clean[0, 0])
     np.savez(root / "five_d.npz", clean=clean[None])
@@ -109,6 +110,15 @@ def write_inputs(root: Path) -> Path:
     tifffile.imwrite(root / "img_int32_extremes.tif", ext)
     tifffile.imwrite(root / "img_1px.tif", np.full((1, 1), 123, np.uint16))
     tifffile.imwrite(root / "img_complex.tif", np.ones((8, 8), np.complex64))
+    tifffile.imwrite(root / "img_3e38.tif", np.full((64, 64), 3e38, np.float32))
+    rgb = np.clip(np.stack([img, img[::-1], img[:, ::-1]], -1), 0, 255).astype(np.uint8)
+    tifffile.imwrite(root / "img_rgb.tif", rgb)  # (64, 64, 3) RGB: a shape rule reads 64 images of 64 x 3 px
+    tifffile.imwrite(root / "img_channels.tif", np.stack([img, img]), imagej=True, metadata={"axes": "CYX"})
+    # export
+    Case("export-out-folder", "`export --out` names an existing folder", ["export", "{run}", "--out", "folder.zip"],
+         None, "is a folder"),
+    Case("export-out-under-file", "`export --out` below a regular file", ["export", "{run}", "--out",
+         "fast.yaml/model.zip"], "fast.yaml/model.zip", "is a file"),
     # noise-model fit pairs
     tifffile.imwrite(root / "nm_clean.tif", clean[:, 0])
     tifffile.imwrite(root / "nm_noisy_small.tif", clean[:3, 0])
@@ -154,10 +164,37 @@ def write_packages(root: Path, run: Path) -> Path:
     laughs = b"".join(b"l%d: &l%d [%s]\n" % (i, i, b", ".join([b"*l%d" % (i - 1)] * 9) if i else b"lol")
                       for i in range(9))  # 9 levels of 9 aliases: ~10^8 nodes when expanded
     variant("yaml_aliases.zip", lambda m: m.update({"rdf.yaml": laughs + m["rdf.yaml"]}))
+    variant("huge_architecture.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
+        m["rdf.yaml"], lambda d: d["architecture"].update(n_filters=10**7))}))  # ~10^14 parameters if built
+    variant("bad_channel_names.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
+        m["rdf.yaml"], lambda d: d.update(channel_names=["only one"]))}))
+    variant("bad_normalization.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
+        m["rdf.yaml"], lambda d: d.update(normalization={"input_mean": "high"}))}))
+    variant("oversized_weights.zip", _oversized_weights)
     (pkg / "garbage.zip").write_bytes(b"PK\x03\x04 not really a zip" * 5)
     data = good.read_bytes()
     (pkg / "truncated.zip").write_bytes(data[: len(data) // 2])
     return pkg
+
+
+def _edit_rdf(rdf: bytes, change: Callable[[dict], None]) -> bytes:
+    """rdf.yaml with `change` applied to its config.denoisplit (hashes of the files stay right)."""
+    d = yaml.safe_load(rdf)
+    change(d["config"]["denoisplit"])
+    return yaml.safe_dump(d, sort_keys=False).encode()
+
+
+def _oversized_weights(m: dict) -> None:
+    """weights.pt padded with a 64 MB tensor (sha256 updated: only the size is wrong), for a network of ~0.1 MB:
+    the reader must refuse it before reading it into memory."""
+    state = torch.load(io.BytesIO(m[L.STATE_DICT_FILE]), weights_only=True)
+    state["padding"] = torch.zeros(16 * 2**20)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    m[L.STATE_DICT_FILE] = buf.getvalue()
+    d = yaml.safe_load(m["rdf.yaml"])
+    d["weights"]["pytorch_state_dict"]["sha256"] = _sha(m[L.STATE_DICT_FILE])
+    m["rdf.yaml"] = yaml.safe_dump(d, sort_keys=False).encode()
 
 
 def _retensor(blob: bytes) -> bytes:
@@ -175,8 +212,8 @@ def _sha(data: bytes) -> str:
 def make_package(run: Path, out: Path, n_samples: int = 3, seed: int = 5, formats=("pytorch_state_dict",)) -> Path:
     """A minimal package zip of `run`: rdf.yaml (config.denoisplit + weights with sha256), weights.pt, model.py and,
     if asked, TorchScript / ONNX weights. Not a full bioimage.io export (no self-test: seconds, not a minute), but
-    exactly what `export.load_package_sampler` and the three runtimes read."""
-    from denoisplit_zoo import export as ex
+    exactly what `package.reader.load_package_sampler` and the three runtimes read."""
+    from denoisplit_zoo.package import writer as ex
     from denoisplit_zoo.run_folder import load_run
 
     r = load_run(run)
@@ -185,7 +222,7 @@ def make_package(run: Path, out: Path, n_samples: int = 3, seed: int = 5, format
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in sampler.state_dict().items()}, buf)
     files[L.STATE_DICT_FILE] = buf.getvalue()
-    files[L.ARCHITECTURE_FILE] = (Path(ex.__file__).with_name("model.py")).read_bytes()
+    files[L.ARCHITECTURE_FILE] = L.MODEL_SOURCE.read_bytes()
     kwargs = ex.architecture_kwargs(r, n_samples, seed)
     weights = {"pytorch_state_dict": {"source": L.STATE_DICT_FILE, "sha256": _sha(files[L.STATE_DICT_FILE]),
                                       "architecture": {"source": L.ARCHITECTURE_FILE,
@@ -246,7 +283,7 @@ class Case:
     what: str  # the input, in words
     argv: list  # the command, without the program name
     out: Optional[str]  # output path that must not exist afterwards (error cases)
-    needle: str = ""  # a word the message must contain
+    needle: str = ""  # a word the message (error) or a warning line (ok) must contain
     expect: str = "error"  # "error": exit 2, one line; "ok": exit 0 and finite outputs
     setup: Optional[str] = None  # "full_disk"
 
@@ -337,16 +374,26 @@ CASES = [
          "float32"),
     Case("predict-objects", ".npy of Python objects", _predict("{run}", "img_objects.npy"), "out_pred", "npy"),
     Case("predict-complex", "complex64 TIFF", _predict("{run}", "img_complex.tif"), "out_pred", "dtype"),
+    Case("predict-rgb-tiff", "RGB TIFF (64 x 64 x 3, uint8)", _predict("{run}", "img_rgb.tif"), "out_pred", "colour"),
+    Case("predict-channel-tiff", "ImageJ hyperstack with 2 channels (CYX)", _predict("{run}", "img_channels.tif"),
+         "out_pred", "channels"),
+    Case("train-rgb-tiff", "RGB TIFF as one channel of the training pair", _train("img_rgb.tif,b.tif"), "out_run",
+         "colour"),
     Case("predict-tiff-truncated", "truncated TIFF", _predict("{run}", "img_truncated.tif"), "out_pred", "TIFF"),
     Case("predict-npy-truncated", "truncated .npy", _predict("{run}", "img_truncated.npy"), "out_pred", "npy"),
     Case("predict-tiff-garbage", "not a TIFF", _predict("{run}", "img_garbage.tif"), "out_pred", "TIFF"),
     Case("predict-second-bad", "good input, then a NaN input", _predict("{run}", "img.tif", "img_nan.tif"),
          "out_pred", "NaN"),
     Case("predict-zeros", "all-zero image", _predict("{run}", "img_zeros.tif"), None, expect="ok"),
-    Case("predict-uint16-max", "uint16 image, all 65535", _predict("{run}", "img_uint16_max.tif"), None, expect="ok"),
-    Case("predict-int32-extremes", "int32 rows at 2**31-1 / -2**31", _predict("{run}", "img_int32_extremes.tif"),
-         None, expect="ok"),
+    Case("predict-uint16-max", "uint16 image, all 65535 (model trained on 20..250: a warning)",
+         _predict("{run}", "img_uint16_max.tif"), None, "training stds", expect="ok"),
+    Case("predict-int32-extremes", "int32 rows at 2**31-1 / -2**31 (~10^7 training stds out: float32 keeps no "
+         "image detail)", _predict("{run}", "img_int32_extremes.tif"), "out_pred", "training stds"),
+    Case("predict-3e38", "constant 3e38 image (float32, ~10^36 training stds out)", _predict("{run}", "img_3e38.tif"),
+         "out_pred", "training stds"),
     Case("predict-1px", "1 x 1 pixel image", _predict("{run}", "img_1px.tif"), None, expect="ok"),
+    Case("predict-seed-range", "--seed 2**31 (beyond the latent-noise hash)", [*_predict("{run}", "img.tif"),
+         "--seed", str(2**31)], "out_pred", "seed"),
     Case("predict-out-under-file", "--out below a regular file", _predict("{run}", "img.tif", out="a_file/pred"),
          "a_file/pred", "Not a directory"),
     Case("predict-disk-full", "disk full while writing predictions", _predict("{run}", "img.tif"), "out_pred",
@@ -369,6 +416,14 @@ CASES = [
          "img.tif"), "out_pred", "denoisplit"),
     Case("zip-yaml-aliases", "rdf.yaml with nested aliases (billion laughs)",
          _predict("{pkg}/yaml_aliases.zip", "img.tif"), "out_pred", "aliases"),
+    Case("zip-huge-architecture", "rdf.yaml declares n_filters 10^7 (~10^14 parameters)",
+         _predict("{pkg}/huge_architecture.zip", "img.tif"), "out_pred", "n_filters"),
+    Case("zip-bad-channel-names", "rdf.yaml `channel_names: [only one]`",
+         _predict("{pkg}/bad_channel_names.zip", "img.tif"), "out_pred", "channel_names"),
+    Case("zip-bad-normalization", "rdf.yaml `normalization: {input_mean: high}`",
+         _predict("{pkg}/bad_normalization.zip", "img.tif"), "out_pred", "normalization"),
+    Case("zip-oversized-weights", "weights.pt of 64 MB for a 0.1 MB network (sha256 right)",
+         _predict("{pkg}/oversized_weights.zip", "img.tif"), "out_pred", "implausibly large"),
     Case("zip-garbage", "a .zip that is not a zip", _predict("{pkg}/garbage.zip", "img.tif"), "out_pred", "zip"),
     Case("zip-truncated", "package zip cut in half", _predict("{pkg}/truncated.zip", "img.tif"), "out_pred", "zip"),
     # noise-model fit

@@ -102,6 +102,31 @@ def test_noisy_reference_matches_clean_calibration_when_errors_are_not_proportio
     assert res["A"]["mle_scale"] > 1.15 * ref["A"]["scale"]
 
 
+def test_estimators_that_disagree_flag_the_channel():
+    """The W2S real-noise failure (docs/calibration.md): every bootstrap and sensitivity check passed, and the matched
+    estimate was 1.84x the clean scale. Reproduced by subtracting too little observation noise (0.6 v, e.g. an input
+    gain the probes overestimate) with a wide spread of posterior stds: the matched estimate inflates most on the
+    low-std pixels, the maximum likelihood weights them least. They part by more than MAX_ESTIMATOR_RATIO: flagged,
+    with the reason in words, and the maximum-likelihood scale (the closer one) is shipped."""
+    from denoisplit_zoo.calibration import MAX_ESTIMATOR_RATIO
+
+    rng = np.random.default_rng(5)
+    shape = (8, 2, 128, 128)
+    sigma = np.exp(rng.normal(0, 0.8, size=shape)) * 2
+    mean = 100 + rng.normal(size=shape) * 2.0 * sigma  # clean = 100, true scale 2
+    noisy = 100 + rng.normal(size=shape) * 5.0
+    res = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=np.full(shape, 0.6 * 25.0))
+    for name in "AB":
+        c = res[name]
+        assert c["optimal_scale"] > 1.6 * 2.0 and c["estimator_ratio"] > MAX_ESTIMATOR_RATIO
+        assert not c["reliable"] and any("maximum-likelihood" in w for w in c["unreliable_because"])
+        assert c["scale"] == c["mle_scale"] and abs(c["scale"] - 2.0) < abs(c["optimal_scale"] - 2.0)
+    # the same data with the right noise variance: the two agree and nothing is flagged
+    ok = calibrate_arrays(mean, sigma, noisy, ["A", "B"], noise_var=np.full(shape, 25.0))
+    assert all(ok[n]["reliable"] and ok[n]["unreliable_because"] == [] for n in "AB")
+    assert all(ok[n]["scale"] == pytest.approx(2.0, rel=0.05) for n in "AB")
+
+
 def test_mle_scale_agrees_when_errors_are_proportional_and_never_goes_negative():
     """With errors exactly s x sigma the two noisy-target estimators agree with the truth. Where the noise swamps
     the error, a 10 % noise-model error sends both to the floor: the likelihood cannot go negative, but it has no

@@ -23,8 +23,8 @@ import bioimageio.core  # noqa: E402,F401  (the [bmz] extra: the README test com
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from denoisplit_zoo import bmz  # noqa: E402
 from denoisplit_zoo import export as ex  # noqa: E402
+from denoisplit_zoo.package import description, layout, reader, recipe  # noqa: E402
 from denoisplit_zoo.errors import UserError  # noqa: E402
 from denoisplit_zoo.run_folder import load_run  # noqa: E402
 
@@ -62,13 +62,23 @@ def test_export_cli_passes_bioimageio_test_for_all_formats(pkg):
     assert sorted(p.name for p in pkg["zip"].parent.iterdir()) == ["model.zip"]  # no temp files left behind
 
 
+def test_rdf_is_written_in_the_format_the_zoo_remote_runtime_reads(rdf):
+    """bioimageio.spec 0.5.10 (the zoo's remote test runtime, core 0.10.4) refuses format 0.5.11+ covers /
+    documentation objects before testing any weights; the zip carries them as plain file names in format 0.5.10,
+    which today's core read too (its self-test passed inside export_package)."""
+    from denoisplit_zoo.package.zoo import COMPAT_FORMAT_VERSION
+
+    assert rdf["format_version"] == COMPAT_FORMAT_VERSION == "0.5.10"
+    assert rdf["covers"] == ["cover.png"] and rdf["documentation"] == "README.md"
+
+
 def test_zip_layout_and_metadata(pkg, rdf):
     with zipfile.ZipFile(pkg["zip"]) as zf:
         names = set(zf.namelist())
     assert {"rdf.yaml", "README.md", "cover.png", "model.py", "weights.pt", "weights_torchscript.pt", "weights.onnx",
             "test_input.npy", "test_output.npy", "sample_input.tif", "sample_output.tif", "training_config.yaml",
             "calibration.png"} <= names
-    assert _member(pkg, "model.py") == (Path(ex.__file__).with_name("model.py")).read_bytes()  # shipped verbatim
+    assert _member(pkg, "model.py") == layout.MODEL_SOURCE.read_bytes()  # shipped verbatim
     assert rdf["name"] == "denoiSplit test package" and rdf["license"] == "MIT"
     assert all("github_user" not in a for a in rdf["authors"]) and rdf["authors"][0]["name"] == "Test Author"
     assert "careamics" not in [t.lower() for t in rdf["tags"]]
@@ -99,7 +109,7 @@ def test_one_input_one_output_and_deepimagej_ops(rdf):
     chan = next(a for a in out["axes"] if a["type"] == "channel")
     assert chan["channel_names"] == ["blobs_mean", "lines_mean", "blobs_std", "lines_std"]
     ops = [p["id"] for p in inp.get("preprocessing", []) + out.get("postprocessing", [])]
-    assert set(ops) <= bmz.DEEPIMAGEJ_OPS and "fixed_zero_mean_unit_variance" in ops and "scale_linear" in ops
+    assert set(ops) <= description.DEEPIMAGEJ_OPS and "fixed_zero_mean_unit_variance" in ops and "scale_linear" in ops
     y_in = next(a for a in inp["axes"] if a.get("id") == "y")
     y_out = next(a for a in out["axes"] if a.get("id") == "y")
     step, halo = y_in["size"]["step"], y_out["halo"]
@@ -147,12 +157,12 @@ def test_rdf_config_holds_noise_models_calibration_and_normalisation(pkg, rdf):
 # --------------------------------------------------------------------------------------------- reading it back
 def test_package_sampler_equals_run_sampler(pkg):
     run = load_run(pkg["run"])
-    sampler, names, norm, meta = ex.load_package_sampler(pkg["zip"])
+    sampler, names, norm, meta = reader.load_package_sampler(pkg["zip"])
     assert names == ["blobs", "lines"] and norm == run.norm and meta["n_samples"] == K and meta["seed"] == SEED
     x = _input((1, 1, 136, 144))
     with one_thread(), torch.no_grad():
         assert torch.equal(sampler(x), run.sampler(K, SEED)(x))
-        other, *_ = ex.load_package_sampler(pkg["zip"], n_samples=6, seed=3)
+        other, *_ = reader.load_package_sampler(pkg["zip"], n_samples=6, seed=3)
         assert torch.equal(other(x), run.sampler(6, 3)(x))
 
 
@@ -168,16 +178,16 @@ def _rewrite_zip(src: Path, dst: Path, replace: dict) -> Path:
 def test_load_package_sampler_refuses_unsafe_or_tampered_zips(pkg, tmp_path):
     evil = _rewrite_zip(pkg["zip"], tmp_path / "evil.zip", {"../evil.py": b"print('x')"})
     with pytest.raises(UserError, match="unsafe member"):
-        ex.load_package_sampler(evil)
+        reader.load_package_sampler(evil)
     state = torch.load(io.BytesIO(_member(pkg, "weights.pt")), weights_only=True)
     state["calibration_scale"] *= 10
     buf = io.BytesIO()
     torch.save(state, buf)
     tampered = _rewrite_zip(pkg["zip"], tmp_path / "tampered.zip", {"weights.pt": buf.getvalue()})
     with pytest.raises(UserError, match="sha256"):
-        ex.load_package_sampler(tampered)
+        reader.load_package_sampler(tampered)
     with pytest.raises(UserError, match="missing file"):
-        ex.load_package_sampler(tmp_path / "nope.zip")
+        reader.load_package_sampler(tmp_path / "nope.zip")
 
 
 def test_bioimageio_predict_cli_writes_four_channels(pkg, rdf, tmp_path):
@@ -222,6 +232,17 @@ def test_denoisplit_predict_on_zip_equals_run_folder(pkg, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ cheap extra exports
+def test_reader_accepts_the_architecture_keys_of_earlier_versions(pkg, tmp_path):
+    """Packages written before `noise` was renamed `sample_latents` still load (package/layout.LEGACY_ARCH_KEYS)."""
+    rdf = yaml.safe_load(_member(pkg, "rdf.yaml"))
+    arch = rdf["config"]["denoisplit"]["architecture"]
+    arch["noise"] = arch.pop("sample_latents")
+    old = _rewrite_zip(pkg["zip"], tmp_path / "old.zip", {"rdf.yaml": yaml.safe_dump(rdf, sort_keys=False).encode()})
+    sampler, *_, meta = reader.load_package_sampler(old)
+    assert sampler.sample_latents is True and meta["architecture"]["sample_latents"] is True
+    assert "noise" not in meta["architecture"]
+
+
 def test_blockwise_equals_whole_image_for_noise_off_export(pkg, tmp_path):
     """The declared halo is enough: tiled prediction by bioimageio.core equals whole-image prediction when the
     sampling noise is off (with noise, each tile draws its own noise). Valid sizes only (min + n*step): other sizes
@@ -230,7 +251,7 @@ def test_blockwise_equals_whole_image_for_noise_off_export(pkg, tmp_path):
     from bioimageio.core import load_model_description, predict
 
     with one_thread():
-        res = ex.export_package(pkg["run"], tmp_path / "off.zip", n_samples=1, noise=False, self_test=False)
+        res = ex.export_package(pkg["run"], tmp_path / "off.zip", n_samples=1, sample_latents=False, self_test=False)
         descr = load_model_description(str(res.path))
         size = (res.min_size + 10 * res.step, res.min_size + 14 * res.step)
         img = np.random.default_rng(3).uniform(20, 200, (1, 1, *size)).astype(np.float32)
@@ -246,7 +267,7 @@ def test_failing_self_test_leaves_no_zip(pkg, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "predict_raw", lambda *a: real(*a) + 5.0)  # test outputs no weights reproduce
     out = tmp_path / "bad" / "model.zip"
     with one_thread(), pytest.raises(UserError, match="Reproduce test outputs"):
-        ex.export_package(pkg["run"], out, n_samples=1, noise=False)
+        ex.export_package(pkg["run"], out, n_samples=1, sample_latents=False)
     assert not out.exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no temp files either
 
@@ -254,18 +275,18 @@ def test_failing_self_test_leaves_no_zip(pkg, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------- recipes
 def test_example_recipe_is_valid_and_typos_are_errors(tmp_path):
     example = Path(__file__).resolve().parents[1] / "packaging" / "example.yaml"
-    rec = bmz.load_recipe(example)
+    rec = recipe.load_recipe(example)
     assert rec.authors and rec.license and Path(rec.run).is_absolute()
     assert not (example.parent / "__init__.py").exists()  # would shadow the `packaging` library
     (tmp_path / "typo.yaml").write_text("name: denoiSplit typo\nautors: [{name: X}]\n")
     with pytest.raises(UserError, match="autors"):
-        bmz.load_recipe(tmp_path / "typo.yaml")
+        recipe.load_recipe(tmp_path / "typo.yaml")
     (tmp_path / "gh.yaml").write_text("authors: [{name: X, github_user: x}]\n")
     with pytest.raises(UserError, match="github_user"):
-        bmz.load_recipe(tmp_path / "gh.yaml")
+        recipe.load_recipe(tmp_path / "gh.yaml")
     (tmp_path / "ca.yaml").write_text("tags: [CAREamics]\n")
     with pytest.raises(UserError, match="careamics"):
-        bmz.load_recipe(tmp_path / "ca.yaml")
+        recipe.load_recipe(tmp_path / "ca.yaml")
 
 
 def test_export_refuses_bad_requests(tmp_path):
@@ -289,9 +310,9 @@ def test_export_refuses_a_channel_calibrated_to_the_clip_floor(tiny_run, tmp_pat
         {"mode": "noisy", "channels": {names[0]: {"scale": MIN_SCALE}, names[1]: {"scale": 2.0}}}))
     out = tmp_path / "model.zip"
     with pytest.raises(UserError, match=f"calibration scale of {names[0]} is at its clip floor") as e:
-        ex.export_package(run, out, n_samples=1, noise=False, self_test=False)
+        ex.export_package(run, out, n_samples=1, sample_latents=False, self_test=False)
     assert "\n" not in str(e.value) and "--allow-collapsed-calibration" in str(e.value)
     assert not out.exists()
     with one_thread():
-        ex.export_package(run, out, n_samples=1, noise=False, self_test=False, allow_collapsed=True)
+        ex.export_package(run, out, n_samples=1, sample_latents=False, self_test=False, allow_collapsed=True)
     assert out.is_file()

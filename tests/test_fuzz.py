@@ -151,7 +151,7 @@ _NORM = Normalization(200.0, 60.0, [90.0, 110.0], [40.0, 50.0])
 @pytest.fixture(scope="module")
 def sampler():
     torch.manual_seed(0)
-    return SplitSampler(3, 4, 8, 0.0, 2, 32, n_samples=1, seed=3, noise=False).eval()  # multiple = 8
+    return SplitSampler(3, 4, 8, 0.0, 2, 32, n_samples=1, seed=3, sample_latents=False).eval()  # multiple = 8
 
 
 @FAST

@@ -133,3 +133,36 @@ def test_quickstart_refuses_a_bad_init_source_and_leaves_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "not_a_bundled_model" in err and len(err.splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_swapped_structures_start_from_the_swapped_head():
+    """A source trained on (mitochondria, actin) fine-tuned on (actin, mito): `channel_order` matches by name, and
+    `reorder_output_channels` permutes only the output head, so the network predicts exactly the source's two
+    structures in the new order (denoiSplit head [A, B]; uSplit head [mean A, mean B, log-var A, log-var B])."""
+    from denoisplit_zoo.model import LadderVAE
+    from denoisplit_zoo.pretrained import channel_order, reorder_output_channels
+
+    assert channel_order(["mitochondria", "actin"], ("actin", "mito")) == (1, 0)
+    assert channel_order(["Actin", "Mito"], ("actin", "mitochondria")) == (0, 1)
+    assert channel_order(["ch0", "ch2"], ("actin", "mito")) is None  # cannot tell: keep the source's order
+    torch.manual_seed(0)
+    for out_channels in (2, 4):
+        src = LadderVAE(3, 4, 8, 0.0, out_channels, 32).eval()
+        dst = LadderVAE(3, 4, 8, 0.0, out_channels, 32).eval()
+        dst.load_state_dict(reorder_output_channels(src.state_dict(), (1, 0)))
+        x = torch.randn(1, 1, 32, 32)
+        bu = src.bottom_up(x)
+        eps = [torch.zeros(1, 4, v.shape[2], v.shape[3]) for v in bu]
+        with torch.no_grad():
+            a, _ = src.top_down(bu, eps, False)
+            b, _ = dst.top_down(dst.bottom_up(x), eps, False)
+        perm = [1, 0] if out_channels == 2 else [1, 0, 3, 2]
+        torch.testing.assert_close(b, a[:, perm])
+        assert reorder_output_channels(src.state_dict(), (0, 1)) is not None
+
+
+def test_init_channels_needs_init_from(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "x.npz"), "--init-channels", "1", "0", "--out",
+                 str(tmp_path / "r")]) == 2
+    assert "--init-channels needs --init-from" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -50,7 +50,7 @@ def test_bottom_up_once_then_batched_top_down_equals_full_passes():
 
 def test_zero_latent_noise_gives_the_posterior_mean_deterministically():
     torch.manual_seed(0)
-    s = SplitSampler(n_levels=3, z_dim=4, n_filters=8, patch_size=32, n_samples=4, noise=False).eval()
+    s = SplitSampler(n_levels=3, z_dim=4, n_filters=8, patch_size=32, n_samples=4, sample_latents=False).eval()
     y = s(torch.randn(1, 1, 32, 32))
     assert torch.all(y[:, 2:] == 0)  # identical samples -> zero spread
 

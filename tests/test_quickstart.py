@@ -61,12 +61,12 @@ def test_copy_is_byte_identical(tmp_path):
 
 # ------------------------------------------------------------------------------------------- the quickstart
 def test_quickstart_writes_a_validated_package(quick):
-    from denoisplit_zoo import bmz
+    from denoisplit_zoo.package.zoo import validate_package
 
     s, out = quick["summary"], quick["out"]
     zp = out / qs.ZIP_NAME
     assert zp.is_file() and s["paths"]["zip"] == str(zp)
-    bmz.validate_package(zp)  # the self-test already passed inside export_package; the format check again here
+    validate_package(zp)  # the self-test already passed inside export_package; the format check again here
     assert quick["network"] == []  # everything, bioimageio included, ran offline
     with zipfile.ZipFile(zp) as zf:
         card = zf.read("README.md").decode()

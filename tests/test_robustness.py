@@ -215,6 +215,7 @@ def test_extreme_but_valid_input_works_with_finite_outputs(case, inputs, tiny_ru
     res = bi.run_case(case, inputs, run=str(tiny_run), pkg=str(inputs / "pkg"))
     assert res.rc == 0 and res.outcome, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
+    assert case.needle in res.stderr  # a warning the case must print ("" for none)
 
 
 def test_bad_input_in_a_real_process_prints_one_line_without_traceback(inputs, tiny_run):
@@ -288,13 +289,15 @@ def packages(package, tmp_path_factory, tiny_run):
 def test_package_outputs_stay_finite_for_extreme_inputs_in_all_three_formats(packages):
     import onnxruntime as ort
 
-    from denoisplit_zoo import export as ex
+    from denoisplit_zoo.package import layout as L
+    from denoisplit_zoo.package.reader import load_package_sampler
+    from denoisplit_zoo.package.writer import predict_raw
 
     for zip_path in packages:
-        sampler, _, norm, meta = ex.load_package_sampler(zip_path)
+        sampler, _, norm, meta = load_package_sampler(zip_path)
         with zipfile.ZipFile(zip_path) as z:
-            scripted = torch.jit.load(io.BytesIO(z.read(ex.TORCHSCRIPT_FILE)), map_location="cpu")
-            onnx = ort.InferenceSession(z.read(ex.ONNX_FILE), providers=["CPUExecutionProvider"])
+            scripted = torch.jit.load(io.BytesIO(z.read(L.TORCHSCRIPT_FILE)), map_location="cpu")
+            onnx = ort.InferenceSession(z.read(L.ONNX_FILE), providers=["CPUExecutionProvider"])
         step = 2**sampler.vae.n_levels
         min_size = 2 * int(meta["halo"] or 0) + step
         one = np.full((1, 1, 1, 1), 300.0, np.float32)
@@ -309,14 +312,14 @@ def test_package_outputs_stay_finite_for_extreme_inputs_in_all_three_formats(pac
             x = torch.from_numpy((raw - np.float32(norm.input_mean)) / np.float32(norm.input_std + 1e-6))
             with torch.no_grad():
                 eager, script = sampler(x).numpy(), scripted(x).numpy()
-            onnx_out = onnx.run(None, {ex.INPUT_NAME: x.numpy()})[0]
+            onnx_out = onnx.run(None, {L.INPUT_NAME: x.numpy()})[0]
             for fmt, y in (("eager", eager), ("torchscript", script), ("onnx", onnx_out)):
                 assert y.shape == (1, 4, *raw.shape[-2:]) and np.isfinite(y).all(), (zip_path.name, name, fmt)
                 assert (y[:, 2:] >= 0).all(), (name, fmt)  # stds
             np.testing.assert_array_equal(eager, script, err_msg=name)
             np.testing.assert_allclose(onnx_out, eager, rtol=1e-4, atol=1e-4 * (1 + np.abs(eager).max()),
                                        err_msg=name)
-            assert np.isfinite(ex.predict_raw(sampler, raw, norm)).all(), name  # with the package's pre/post
+            assert np.isfinite(predict_raw(sampler, raw, norm)).all(), name  # with the package's pre/post
 
 
 def test_sigterm_is_handled_like_sigint_and_leaves_no_half_run(tmp_path):
@@ -345,3 +348,86 @@ def test_sigterm_is_handled_like_sigint_and_leaves_no_half_run(tmp_path):
     lines = (tmp_path / "train.err").read_text().strip().splitlines()
     assert proc.returncode == 143 and lines[-1] == "denoisplit-zoo: terminated (SIGTERM)", lines[-3:]
     assert not run.exists()
+
+
+def test_a_second_writer_of_a_run_folder_gets_one_line_naming_the_holder(tiny_run, tmp_path, capsys):
+    """Two commands writing one run folder (two `train --resume`, or `calibrate` during a training) would interleave
+    log.jsonl and checkpoints: the second is refused with one line naming the first, and leaves the run as it was.
+    The holder here is this process's own RunLock, as `train` takes it (flock: a second open file conflicts)."""
+    from denoisplit_zoo.cli import main
+    from denoisplit_zoo.run_folder import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    with RunLock(run, "train --resume"):
+        assert (run / RunLock.HOLDER).is_file()
+        for argv in (["train", "--resume", "--out", str(run), "--max-steps", "10000"],
+                     ["calibrate", str(run), "--samples", "2", "--no-progress"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "is in use by another denoisplit-zoo `train --resume`" in err[0], err
+            assert f"pid {os.getpid()}" in err[0]
+    assert not (run / RunLock.HOLDER).exists()  # released, and its note gone
+    after = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    with RunLock(run, "calibrate"):  # free again
+        pass
+
+
+def test_resume_refuses_other_data_and_a_restart_that_would_erase_history(tiny_run, tmp_path, monkeypatch):
+    """A resumed run trains on the data its folder describes, or not at all: config.yaml's noise edited since the
+    run started, or --data naming other data, is one line naming what differs; a missing last.pt with best.pt and
+    a log kept would restart at step 0 over the history: refused. The data path is stored absolute, so --resume
+    (without --data) works from any folder."""
+    import yaml
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_run, edited)
+    cfg = yaml.safe_load((edited / "config.yaml").read_text())
+    assert Path(cfg["data"]["path"]).is_absolute()
+    cfg["data"]["noise"]["gaussian"] = 3.0
+    (edited / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = (edited / "log.jsonl").read_text()
+    rc, _, err = _cli("train", "--resume", "--max-steps", 40, "--out", edited)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "differs from the run's data_split.json" in err, err
+    assert (edited / "log.jsonl").read_text() == before
+
+    other = write_npz(tmp_path / "other.npz", n=6, size=64, seed=9)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_run, moved)
+    rc, _, err = _cli("train", "--resume", "--max-steps", 40, "--data", other, "--out", moved)
+    assert rc == 2 and ("data_split.json" in err or "normalization.json" in err), err
+
+    lost = tmp_path / "lost_last"
+    shutil.copytree(tiny_run, lost)
+    (lost / "checkpoints" / "last.pt").unlink()
+    rc, _, err = _cli("train", "--resume", "--max-steps", 40, "--out", lost)
+    assert rc == 2 and "restart from step 0" in err and (lost / "checkpoints" / "best.pt").is_file(), err
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another working folder: the stored absolute path still finds the data
+    ok = tmp_path / "ok"
+    shutil.copytree(tiny_run, ok)
+    rc, out, err = _cli("train", "--resume", "--max-steps", 25, "--out", ok)
+    assert rc == 0 and "trained 25 steps" in out, err
+
+
+def test_ctrl_c_right_after_the_first_rename_leaves_no_half_run(tmp_path, monkeypatch):
+    """The unluckiest moment of a fresh `train`: Ctrl-C just after config.yaml was renamed into place (the folder
+    now looks like a run) and before anything else. The file was registered with the run's cleanup before the
+    rename, so the half-made folder is removed and the same --out works again."""
+    data = write_npz(tmp_path / "data.npz", n=6, size=64)
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        if Path(dst).name == "config.yaml":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    rc, _, err = _cli("train", "--data", data, "--preset", "tiny", "--max-steps", 2, "--out", tmp_path / "run")
+    monkeypatch.setattr(os, "replace", real)
+    assert rc == 130 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

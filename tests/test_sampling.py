@@ -15,9 +15,9 @@ from denoisplit_zoo.sampling import cpu_channels_last, measure_halo, predict_ima
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _tiny_sampler(k: int, seed: int = 3, noise: bool = True) -> SplitSampler:
+def _tiny_sampler(k: int, seed: int = 3, sample_latents: bool = True) -> SplitSampler:
     torch.manual_seed(0)
-    s = SplitSampler(3, 4, 8, 0.0, 2, 32, n_samples=k, seed=seed, noise=noise)
+    s = SplitSampler(3, 4, 8, 0.0, 2, 32, n_samples=k, seed=seed, sample_latents=sample_latents)
     s.calibration_scale.copy_(torch.tensor([1.5, 0.5]))
     return s.eval()
 
@@ -110,10 +110,10 @@ def test_reflect_index_matches_numpy_and_handles_tiny_axes():
 
 
 def test_tiled_equals_untiled_with_posterior_means(tiny_run):
-    """noise=False: tiles of 24 px (origins on the 8-px grid) with the measured halo == one big tile, 1e-3 of the range;
+    """sample_latents=False: tiles of 24 px (origins on the 8-px grid) with the measured halo == one big tile, 1e-3 of the range;
     with a too-small halo the seams show (the check is sensitive)."""
     run = load_run(tiny_run)
-    s = run.sampler(2, noise=False)
+    s = run.sampler(2, sample_latents=False)
     halo = measure_halo(run.model)
     img = _smooth_image(53, 70)  # not a multiple of 8 nor of the tile
     whole = predict_image(s, img, run.norm, tile=4096, halo=halo)

@@ -161,6 +161,29 @@ def test_upload_refuses_a_failing_package(pkg, zoo, tmp_path, capsys):
     assert zoo.recorded == []
 
 
+def test_upload_never_runs_a_foreign_model_py(pkg, zoo, tmp_path, capsys):
+    """The self-test imports the package's model.py. A zip whose model.py is not this installation's own (edited,
+    hashes updated so the format check passes) is refused before anything imports it: its code would write a file."""
+    import hashlib
+
+    with zipfile.ZipFile(pkg["zip"]) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    marker = tmp_path / "model_py_was_run"
+    members["model.py"] = members["model.py"] + f"\nopen({str(marker)!r}, 'w').write('ran')\n".encode()
+    rdf = yaml.safe_load(members["rdf.yaml"])
+    rdf["weights"]["pytorch_state_dict"]["architecture"]["sha256"] = hashlib.sha256(members["model.py"]).hexdigest()
+    members["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False).encode()
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    with one_thread():
+        assert main(["upload", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "model.py is not this denoisplit-zoo's own" in err and err.count("\n") == 1
+    assert not marker.exists() and zoo.recorded == []
+
+
 def test_upload_refuses_a_corrupt_zip(zoo, tmp_path, capsys):
     bad = tmp_path / "broken.zip"
     bad.write_bytes(b"not a zip")

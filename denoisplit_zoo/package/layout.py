@@ -4,6 +4,8 @@ bioimageio (only config's constants), so any side can import it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import DEFAULT_SEED
 
 # File names inside the package (flat: bioimage.io packages are one folder).
@@ -15,6 +17,10 @@ TEST_INPUT_FILE = "test_input.npy"
 TEST_OUTPUT_FILE = "test_output.npy"
 SAMPLE_INPUT_FILE = "sample_input.tif"
 COVER_FILE = "cover.png"
+
+# The architecture a package's pytorch_state_dict entry names: this installation's model.py, shipped verbatim (it
+# imports only torch). Compared byte for byte before a self-test runs a zip's copy (package/zoo.py).
+MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model.py"
 
 ONNX_OPSET = 17  # legacy exporter: opset 17 -> IR 8, the newest onnxruntime-java 1.12/1.13 (deepImageJ) loads
 MAX_ONNX_IR = 8
@@ -29,8 +35,16 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "prediction"
 
 # SplitSampler's constructor arguments: the only keys a package's config.denoisplit.architecture may hold.
-ARCH_KEYS = ("n_levels", "z_dim", "n_filters", "dropout", "out_channels", "patch_size", "n_samples", "seed", "noise",
-             "n_gaussians", "n_coeffs")
+ARCH_KEYS = ("n_levels", "z_dim", "n_filters", "dropout", "out_channels", "patch_size", "n_samples", "seed",
+             "sample_latents", "n_gaussians", "n_coeffs")
+# What a package may declare for each of them (type, min, max): generous for any real model, small enough that a
+# hostile rdf.yaml cannot make a reader build a network of 10^12 parameters (package/reader.architecture).
+ARCH_LIMITS = {"n_levels": (int, 1, 8), "z_dim": (int, 1, 1024), "n_filters": (int, 1, 1024),
+               "dropout": (float, 0.0, 0.99), "out_channels": (int, 1, 8), "patch_size": (int, 8, 4096),
+               "n_samples": (int, 1, 10_000), "seed": (int, 0, 2**31 - 1), "sample_latents": (bool, 0, 1),
+               "n_gaussians": (int, 1, 64), "n_coeffs": (int, 1, 16)}
+# Keys packages written by earlier versions use, and their present names (the reader renames them).
+LEGACY_ARCH_KEYS = {"noise": "sample_latents"}
 
 
 def postprocessing_gain_offset(norm) -> tuple[list[float], list[float]]:
