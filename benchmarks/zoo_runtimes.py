@@ -10,7 +10,8 @@ Runtimes (name: pip requirements):
                   from PyPI are CUDA builds of ~800 MB (say which torch was used: the table does)
     dev           today's development runtime (constraints.txt: bioimageio.core 0.11.0)
 
-Each venv is reused when it exists. The table: runtime, package versions, per weight format passed / failed and the
+Each venv is reused when it exists (so a venv built by hand, or the development venv, can be linked in under a
+runtime's name). The table: runtime, package versions, per weight format passed / failed and the
 first failing check. Nothing of the zip's code runs outside these venvs.
 """
 

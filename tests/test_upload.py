@@ -10,6 +10,7 @@ import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,23 +139,34 @@ def test_upload_without_token_is_refused_before_any_request(pkg, zoo, monkeypatc
     assert zoo.recorded == []
 
 
-def test_upload_refuses_a_failing_package(pkg, zoo, tmp_path, capsys):
-    """Valid format and hashes, but the weights no longer reproduce the test output: the self-test refuses it."""
+def _edited_package(src, dst, member: str, data: bytes, sha_at: tuple) -> Path:
+    """A copy of the zip `src` at `dst` with `member` replaced by `data` and its sha256 in rdf.yaml (at the key path
+    `sha_at`) updated, so format validation and hash checks pass and only the content is wrong."""
     import hashlib
 
-    with zipfile.ZipFile(pkg["zip"]) as zf:
+    with zipfile.ZipFile(src) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
-    expected = np.load(io.BytesIO(members["test_output.npy"]))
+    members[member] = data
+    rdf = yaml.safe_load(members["rdf.yaml"])
+    node = rdf
+    for key in sha_at:
+        node = node[key]
+    node["sha256"] = hashlib.sha256(data).hexdigest()
+    members["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False).encode()
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    return dst
+
+
+def test_upload_refuses_a_failing_package(pkg, zoo, tmp_path, capsys):
+    """Valid format and hashes, but the weights no longer reproduce the test output: the self-test refuses it."""
+    with zipfile.ZipFile(pkg["zip"]) as zf:
+        expected = np.load(io.BytesIO(zf.read("test_output.npy")))
     buf = io.BytesIO()
     np.save(buf, expected + 50.0)
-    members["test_output.npy"] = buf.getvalue()
-    rdf = yaml.safe_load(members["rdf.yaml"])
-    rdf["outputs"][0]["test_tensor"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
-    members["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False).encode()
-    bad = tmp_path / "bad.zip"
-    with zipfile.ZipFile(bad, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+    bad = _edited_package(pkg["zip"], tmp_path / "bad.zip", "test_output.npy", buf.getvalue(),
+                          ("outputs", 0, "test_tensor"))
     with one_thread():
         assert main(["upload", str(bad)]) == 2
     assert "Reproduce test outputs" in capsys.readouterr().err
@@ -164,19 +176,12 @@ def test_upload_refuses_a_failing_package(pkg, zoo, tmp_path, capsys):
 def test_upload_never_runs_a_foreign_model_py(pkg, zoo, tmp_path, capsys):
     """The self-test imports the package's model.py. A zip whose model.py is not this installation's own (edited,
     hashes updated so the format check passes) is refused before anything imports it: its code would write a file."""
-    import hashlib
-
     with zipfile.ZipFile(pkg["zip"]) as zf:
-        members = {n: zf.read(n) for n in zf.namelist()}
+        code = zf.read("model.py")
     marker = tmp_path / "model_py_was_run"
-    members["model.py"] = members["model.py"] + f"\nopen({str(marker)!r}, 'w').write('ran')\n".encode()
-    rdf = yaml.safe_load(members["rdf.yaml"])
-    rdf["weights"]["pytorch_state_dict"]["architecture"]["sha256"] = hashlib.sha256(members["model.py"]).hexdigest()
-    members["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False).encode()
-    foreign = tmp_path / "foreign.zip"
-    with zipfile.ZipFile(foreign, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
+    code += f"\nopen({str(marker)!r}, 'w').write('ran')\n".encode()
+    foreign = _edited_package(pkg["zip"], tmp_path / "foreign.zip", "model.py", code,
+                              ("weights", "pytorch_state_dict", "architecture"))
     with one_thread():
         assert main(["upload", str(foreign)]) == 2
     err = capsys.readouterr().err
