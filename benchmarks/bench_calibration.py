@@ -59,7 +59,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/calibration")
     args = ap.parse_args()
 
-    from denoisplit_zoo.calibration import MIN_SCALE, estimators_agree, fit_calibration, shipped_scale
+    from denoisplit_zoo.calibration import (MIN_SCALE, estimator_ratio, estimators_agree, fit_calibration,
+                                            shipped_scale)
     from denoisplit_zoo.run_folder import load_run
 
     threads = C.set_threads(args.threads)
@@ -103,7 +104,7 @@ def main():
                              "shipped_how": method, "est_over_clean": chk["estimate_over_clean"],
                              "shipped_over_clean": shipped / chk["scale"],
                              "mle_over_clean": chk["mle_over_clean"], "noise_to_error": c["noise_to_error"],
-                             "estimator_ratio": c["optimal_scale"] / c["mle_scale"] if c["mle_scale"] else None,
+                             "estimator_ratio": estimator_ratio(c["optimal_scale"], c["mle_scale"]),
                              "sensitivity_2pct": c["sensitivity_2pct"], "slope_clean": chk["slope"],
                              "slope_shipped": slope_shipped, "n_images": res["n_images"],
                              "samples": res["n_samples"],

@@ -272,7 +272,7 @@ def read_tiff(path) -> np.ndarray:
     Accepted: axes YX, or one stack axis + YX (frames, z, time: N images). Refused: interleaved colour (YXS, e.g.
     an RGB TIFF from an image editor, which a shape rule would read as 64 images of 64 x 3 px), a channel axis C
     of size > 1 (ImageJ hyperstacks), anything with more than one stack axis. A planar (S, Y, X) series is read as
-    S frames: tifffile itself writes every float (3, Y, X) stack that way, so it is not evidence of colour."""
+    S frames: tifffile itself writes every (3, Y, X) stack that way, so it is not evidence of colour."""
     import tifffile
 
     path = Path(path)
@@ -293,7 +293,9 @@ def read_tiff(path) -> np.ndarray:
     if arr.size == 0:
         raise UserError(f"{path} is not a readable TIFF file (no pixel data)")
     shape = "x".join(map(str, arr.shape))
-    if axes.endswith("S") and arr.shape[-1] > 1:
+    # tifffile itself writes any (..., Y, X, 3|4) array with photometric RGB, so a trailing S axis is colour only
+    # when it is the smallest of the three (every real colour image; a 2 x 3 px "stack" is not one)
+    if axes.endswith("S") and arr.ndim >= 3 and 1 < arr.shape[-1] < min(arr.shape[-3:-1]):
         raise UserError(f"{path} is a colour TIFF (axes {axes}, {shape}: {arr.shape[-1]} samples per pixel); this "
                         "tool reads one grey channel per file: save the mixed image as a single-channel TIFF "
                         "(Fiji: Image > Type > 32-bit; Python: tifffile.imwrite(out, img[..., 0]))")

@@ -50,13 +50,13 @@ CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae
 PRETRAINED = "w2s_mito_actin_small"
 
 # The paper's protocol (docs/contracts.md): per channel x <- Poisson(x / F) * F, then Gaussian noise of std
-# GAUSSIAN x std(mean of the two clean channels) (~2,091 counts here). F = 1 treats a camera count as one detected
-# photon (the sample's gain is not documented; F = 1 is the paper's own setting). The level is chosen for a
-# realistic demonstration, not the hardest case: at Gaussian x0.25 (std ~520 counts) the mitochondria, ~9x dimmer
-# than the actin (99th percentiles ~2,000 vs ~16,000 counts above the camera offset), peak at ~4x the noise std,
-# grainy but visible, as in a low-light widefield acquisition. Earlier versions used x2 (std ~4,200 counts), which
-# buries the mitochondria below the noise (peak SNR ~0.5): no model split them in a CPU budget. `--gaussian` and
-# `--poisson` choose other levels.
+# GAUSSIAN x std(mean of the two clean channels over the training stripe) (~1,840 counts here). F = 1 treats a camera
+# count as one detected photon (the sample's gain is not documented; F = 1 is the paper's own setting). The level
+# is chosen for a realistic demonstration, not the hardest case: at Gaussian x0.25 (std 461 counts, printed by the
+# quickstart) the mitochondria, ~9x dimmer than the actin (99th percentiles ~2,000 vs ~16,000 counts above the
+# camera offset), peak at ~4x the noise std, grainy but visible, as in a low-light widefield acquisition. Earlier
+# versions used x2 (std ~3,700 counts), which buries the mitochondria below the noise (peak SNR ~0.5). Measured
+# (README): neither level is split by a 10-minute CPU quickstart. `--gaussian` / `--poisson` choose other levels.
 GAUSSIAN = 0.25
 POISSON = 1.0
 

@@ -161,9 +161,11 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: O
 def _run_config(cfg: RunConfig, paths: RunPaths, resume: bool) -> RunConfig:
     """The config a (re)started run trains with: a fresh run writes `cfg` (from then on the folder is a run folder);
     a resumed one takes its saved config, with only the caller's stopping limits."""
-    if not resume:  # the data path stored absolute: --resume, calibrate and evaluate work from any folder
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": absolute_data_path(cfg.data.path)})})
-        write_yaml(paths.config, json.loads(cfg.model_dump_json()))
+    if not resume:  # the data path stored absolute (--resume, calibrate and evaluate work from any folder); this
+        # process reads it as typed, so its messages name the file the way the user did
+        absolute = cfg.data.model_copy(update={"path": absolute_data_path(cfg.data.path)})
+        stored = cfg.model_copy(update={"data": absolute})
+        write_yaml(paths.config, json.loads(stored.model_dump_json()))
         return cfg
     saved = load_run_config(paths.config)
     limits = {"max_steps": cfg.train.max_steps, "max_minutes": cfg.train.max_minutes}

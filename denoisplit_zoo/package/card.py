@@ -15,7 +15,8 @@ from ..errors import UserError
 from ..fileio import read_json
 from ..metrics import describe_split
 from . import layout as L
-from .context import PackageContext, renamed_calibration, template_text, template_values, training_summary
+from .context import (PackageContext, latent_noise, renamed_calibration, template_text, template_values,
+                      training_summary)
 
 
 def _stretch(img: np.ndarray) -> tuple[float, float]:
@@ -194,7 +195,7 @@ def render_model_card(ctx: PackageContext, meta: dict, figure: Optional[str], me
     gain, offset = L.postprocessing_gain_offset(ctx.run.norm)
     values = {**template_values(ctx), "name": meta["name"], "description": meta["description"],
               "seed": ctx.kwargs["seed"],
-              "noise": "counter-hash" if ctx.kwargs["sample_latents"] else "off (posterior means)",
+              "noise": latent_noise(ctx),
               "input_mean": f"{ctx.run.norm.input_mean:.6g}", "input_std": f"{ctx.run.norm.input_std:.6g}",
               "gain": [round(g, 6) for g in gain], "offset": [round(o, 6) for o in offset],
               "min_size": ctx.min_size, "step": ctx.step, "halo": ctx.halo,

@@ -76,6 +76,11 @@ def template_values(ctx: PackageContext) -> dict:
             "std_kind": "calibrated" if ctx.run.calibration else "uncalibrated"}
 
 
+def latent_noise(ctx: PackageContext) -> str:
+    """How the packaged sampler draws its latents, in the words config.denoisplit.noise and the card use."""
+    return "counter-hash" if ctx.kwargs["sample_latents"] else "off (posterior means)"
+
+
 def _log_entries(run) -> list[dict]:
     if not run.paths.log.is_file():
         return []

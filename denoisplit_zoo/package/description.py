@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from ..errors import UserError
 from . import layout as L
 from .card import make_cover, render_model_card, report_inputs
-from .context import PackageContext, rdf_defaults, renamed_calibration, template_values, training_summary
+from .context import (PackageContext, latent_noise, rdf_defaults, renamed_calibration, template_values,
+                      training_summary)
 from .recipe import safe_name
 from .zoo import require_bioimageio
 
@@ -36,7 +37,7 @@ def denoisplit_config(ctx: PackageContext) -> dict:
         "architecture_callable": "SplitSampler",
         "n_samples": ctx.kwargs["n_samples"],
         "seed": ctx.kwargs["seed"],
-        "noise": "counter-hash" if ctx.kwargs["sample_latents"] else "off (posterior means)",
+        "noise": latent_noise(ctx),
         "normalization": run.norm.to_dict(),
         "channel_names": ctx.channel_names,
         "output_channels": [f"{c}_{k}" for k in ("mean", "std") for c in ctx.channel_names],
