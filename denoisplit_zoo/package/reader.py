@@ -22,7 +22,6 @@ from .layout import ARCH_KEYS, ARCH_LIMITS, LEGACY_ARCH_KEYS
 
 
 _MAX_RDF_BYTES = 50 * 2**20
-_MAX_WEIGHTS_BYTES = 4 * 2**30
 
 
 def _safe_member(name: str) -> bool:
@@ -74,9 +73,9 @@ def _listed_files(node, found: dict) -> dict:
     return found
 
 
-def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str, limit: int = _MAX_WEIGHTS_BYTES) -> None:
+def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str, limit: int) -> None:
     """Every file rdf.yaml lists with a sha256 must be in the zip and match it (an edited model.py, TorchScript or
-    ONNX file, test tensor ... means a tampered or corrupt package)."""
+    ONNX file, test tensor ... means a tampered or corrupt package). `limit`: the largest member read, in bytes."""
     for source, sha in _listed_files(rdf, {}).items():
         if source == skip:
             continue
