@@ -94,6 +94,22 @@ def run_worker(script: str, spec: dict, timeout: float | None = None) -> dict:
     return json.loads(lines[-1])
 
 
+def add_worker_option(ap) -> None:
+    """The hidden `--worker JSON` option of scripts that run each configuration in a fresh process (run_worker)."""
+    import argparse
+
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def serve_worker(args, worker) -> bool:
+    """If this process is a worker (`--worker JSON`), run `worker(spec)`, print its result as the last JSON line
+    (what run_worker parses) and return True."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    return True
+
+
 def fmt(v, digits: int = 2) -> str:
     if v is None:
         return "–"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -179,10 +178,9 @@ def main():
                     help="one worker process per configuration (CPU peak memory); auto = yes on CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny + small, few steps")
     ap.add_argument("--json")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    C.add_worker_option(ap)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+    if C.serve_worker(args, worker):
         return
     if args.quick:
         args.presets, args.steps, args.warmup = ["tiny", "small"], ["4"], 1

@@ -14,9 +14,10 @@ import os
 import signal
 import sys
 import threading
+import traceback
 
 from . import cli_export, cli_predict, cli_quickstart
-from .cli_args import positive_float, positive_int
+from .cli_args import add_threads, positive_float, positive_int
 from .config import DATA_FROM_RUN, NM_BATCH, NM_ITERATIONS, NM_MIN_SIGMA
 
 
@@ -44,11 +45,24 @@ def _add_train(sub) -> None:
                    help="with --init-from: which source structure starts each of this run's two (default 0 1; "
                         "1 0 when the source was trained on the two structures in the other order)")
     p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--nproc", type=positive_int, metavar="N",
+                   help="train data-parallel in N processes on this machine (torchrun's elastic agent; gloo on the "
+                        "CPU, NCCL on GPUs, one GPU each); for several machines use torchrun (docs/distributed.md)")
+    add_threads(p)
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(a) -> int:
+    if a.nproc is not None:
+        from .distributed import launch
+
+        if "WORLD_SIZE" in os.environ:
+            from .errors import UserError
+
+            raise UserError("--nproc starts torchrun itself; under torchrun (WORLD_SIZE is set) leave it out")
+        return launch(a.nproc, _without_nproc(a.argv))
     from .config import build_run_config
+    from .distributed import world_from_env
     from .errors import UserError
     from .fileio import read_yaml
     from .training import train
@@ -110,9 +124,23 @@ def _cmd_train(a) -> int:
     if src is not None:  # here, before the data and noise models are prepared; train() checks again for API users
         require_same_architecture(cfg.model, cfg.train.patch_size, src)
     res = train(cfg, a.out, resume=a.resume, noise_models=a.noise_models)
-    print(f"trained {res.step} steps in {res.seconds / 60:.1f} min ({res.stopped_because}); "
-          f"best val_loss {res.best_val_loss:.4f}; run folder: {res.run_dir}")
+    if world_from_env().main:  # (under torchrun, rank 0 reports)
+        print(f"trained {res.step} steps in {res.seconds / 60:.1f} min ({res.stopped_because}); "
+              f"best val_loss {res.best_val_loss:.4f}; run folder: {res.run_dir}")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its --nproc option (what every launched process runs)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _add_noise_model(sub) -> None:
@@ -127,6 +155,7 @@ def _add_noise_model(sub) -> None:
                    help="lower clamp on the components' VARIANCES, despite the name (raw units^2)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", required=True, help="output .npz")
+    add_threads(f)
     f.set_defaults(func=_cmd_noise_model_fit)
 
 
@@ -239,31 +268,63 @@ def _main(argv: list[str] | None) -> int:
     from .errors import UserError
 
     parser = build_parser()
+    in_process = argv is not None  # main([...]) from Python: that caller owns torch's thread setting
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad option (one line, above): an exit code, also in-process
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
+    args.argv = argv
+    explicit = any(a == "--threads" or a.startswith("--threads=") for a in argv)
     try:
+        # the heavy commands (cli_args.add_threads); called in-process, only an explicit --threads changes torch's
+        # setting (the Python API leaves it to the caller; the program itself applies `auto` too)
+        if hasattr(args, "threads") and (explicit or not in_process):
+            from .runtime import allowed_cpus, use_threads  # torch: not imported for --help
+
+            n, cpus = use_threads(args.threads), len(allowed_cpus())
+            if args.threads == "auto" and n < cpus and "OMP_NUM_THREADS" not in os.environ:  # chosen by load
+                _say(f"{cpus - n} of {cpus} CPUs are busy with other processes; using {n} "
+                     f"thread{'s' if n > 1 else ''} (--threads N to choose)")
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"denoisplit-zoo: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        _say(f"error: {' '.join(str(e).splitlines())}")
         return 2
     except Terminated:
-        print("denoisplit-zoo: terminated (SIGTERM)", file=sys.stderr)
+        _say("terminated (SIGTERM)")
         return 143
     except KeyboardInterrupt:
-        print("denoisplit-zoo: interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except OSError as e:  # disk full, permission denied, ...: the writer already removed its temp file
-        print(f"denoisplit-zoo: error: {e.strerror or _first_line(e)}{f': {e.filename}' if e.filename else ''}",
-              file=sys.stderr)
+        _say(f"error: {e.strerror or _first_line(e)}{f': {e.filename}' if e.filename else ''}")
         return 2
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("DENOISPLIT_ZOO_TRACEBACK"):
             raise
-        print(f"denoisplit-zoo: internal error: {type(e).__name__}: {_first_line(e)} "
-              "(set DENOISPLIT_ZOO_TRACEBACK=1 for the traceback; please report it)", file=sys.stderr)
+        if _peer_gone(e):
+            return 1
+        _say(f"internal error: {type(e).__name__}: {_first_line(e)} "
+             "(set DENOISPLIT_ZOO_TRACEBACK=1 for the traceback; please report it)", always=True)
         return 1
+
+
+def _peer_gone(e: BaseException) -> bool:
+    """A rank > 0 whose collective failed inside torch.distributed: another rank (rank 0, which reports why) is gone,
+    e.g. it refused a bad input while this one waited at the barrier."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return os.environ.get("RANK", "0") not in ("", "0") and bool(frames) and \
+        f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
+
+
+def _say(message: str, always: bool = False) -> None:
+    """One stderr line. Under torchrun only rank 0 speaks: the ranks share the inputs, so a bad input fails them
+    alike, and the agent stops the others when one fails (SIGTERM); a bug (`always`) is printed by every rank."""
+    rank = os.environ.get("RANK", "0")
+    if rank in ("", "0"):
+        print(f"denoisplit-zoo: {message}", file=sys.stderr)
+    elif always:
+        print(f"denoisplit-zoo: [rank {rank}] {message}", file=sys.stderr)
 
 
 def _first_line(e: BaseException) -> str:

@@ -40,3 +40,20 @@ def positive_float(text: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return v
+
+
+def thread_count(text: str) -> int | str:
+    """--threads: 'auto' or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """The --threads option of every heavy command (cli._main applies it through runtime.use_threads)."""
+    p.add_argument("--threads", type=thread_count, default="auto", metavar="N|auto",
+                   help="CPU threads (default auto: the cores of this process's affinity mask that other processes "
+                        "leave idle, at least 1; see docs/threads.md)")

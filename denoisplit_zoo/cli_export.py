@@ -5,7 +5,7 @@ Heavy imports (torch, bioimageio) happen inside the command functions so `--help
 
 from __future__ import annotations
 
-from .cli_args import latent_seed
+from .cli_args import add_threads, latent_seed
 
 
 def register(sub) -> None:
@@ -25,12 +25,14 @@ def register(sub) -> None:
     p.add_argument("--posterior-means", "--noise-off", dest="posterior_means", action="store_true",
                    help="deterministic export (posterior means, no sampling; std channels are 0): for halo checks "
                         "(--noise-off: its earlier name)")
+    add_threads(p)
     p.set_defaults(func=_cmd_export)
 
     u = sub.add_parser("upload", help="validate, self-test and publish a model zip to bioimage.io",
                        description="Validates and self-tests the zip, then publishes it with bioimageio.spec's upload. "
                                    "Token: BIOIMAGEIO_HYPHA_UPLOAD_TOKEN; endpoint: BIOIMAGEIO_HYPHA_UPLOAD.")
     u.add_argument("package", help="model zip written by `denoisplit-zoo export`")
+    add_threads(u)
     u.set_defaults(func=_cmd_upload)
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli_args import latent_seed, positive_int
+from .cli_args import add_threads, latent_seed, positive_int
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE, GAIN_PROBES
 from .errors import UserError
+from .ome_zarr import Writer, ZarrInput, is_zarr, open_input, zarr_stem
 
 
 def _common(p, samples_default, samples_help: str) -> None:
@@ -27,6 +28,7 @@ def _common(p, samples_default, samples_help: str) -> None:
                    help="posterior samples per top-down batch (default: sized to ~1.5 GB of activations)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads(p)
 
 
 def register(sub) -> None:
@@ -54,8 +56,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("predict", help="split images (MMSE A, B and calibrated uncertainty) with a run or a package")
     p.add_argument("model", metavar="RUN_DIR_OR_ZIP")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="superimposed images: TIFF or .npy, (Y, X) or (N, Y, X)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="superimposed images: TIFF or .npy, (Y, X) or (N, Y, X); a zarr / OME-Zarr image (*.zarr) "
+                        "is predicted block by block (never whole in memory) into OME-Zarr outputs")
     p.add_argument("--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--blockwise", action="store_true",
+                   help="read TIFF inputs block by block (tifffile's zarr view: images larger than memory) and write "
+                        "OME-Zarr outputs, as for zarr inputs")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output files left by an earlier predict (an input file is never overwritten)")
     _common(p, None, f"posterior samples per pixel (default: {DEFAULT_SAMPLES} for a run folder, the package's K "
@@ -116,7 +123,8 @@ def _cmd_evaluate(a) -> int:
 
 def _cmd_predict(a) -> int:
     written = predict_files(a.model, a.inputs, a.out, n_samples=a.samples, seed=a.seed, tile=a.tile, chunk=a.chunk,
-                            progress=not a.no_progress, device=a.device, overwrite=a.overwrite)
+                            progress=not a.no_progress, device=a.device, overwrite=a.overwrite,
+                            blockwise=a.blockwise)
     print(f"wrote {len(written)} files to {a.out}")
     return 0
 
@@ -129,10 +137,11 @@ OUT_OF_RANGE_STDS = 100.0
 REFUSE_STDS = 1e6
 
 
-def out_of_range(arr: np.ndarray, norm) -> str | None:
-    """A warning (one line) when raw `arr` lies far outside the training input's range (OUT_OF_RANGE_STDS), a
-    UserError beyond REFUSE_STDS, else None. Raw units in, unit-free z-scores compared."""
-    lo, hi = float(arr.min()), float(arr.max())
+def out_of_range(arr, norm) -> str | None:
+    """A warning (one line) when raw `arr` (an array, or a zarr input: its range read block by block) lies far
+    outside the training input's range (OUT_OF_RANGE_STDS), a UserError beyond REFUSE_STDS, else None. Raw units
+    in, unit-free z-scores compared."""
+    lo, hi = arr.value_range() if isinstance(arr, ZarrInput) else (float(arr.min()), float(arr.max()))
     z = max(abs(lo - norm.input_mean), abs(hi - norm.input_mean)) / norm.input_std
     if z <= OUT_OF_RANGE_STDS:
         return None
@@ -189,7 +198,11 @@ def _write_tiff(path: Path, arr: np.ndarray, meta: dict) -> None:
         tifffile.imwrite(f, np.ascontiguousarray(arr, dtype=np.float32), metadata=meta)
 
 
-def _read_input(path: str) -> np.ndarray:
+def _read_input(path: str, blockwise: bool = False):
+    """A TIFF / .npy input read into memory, or a zarr / OME-Zarr input (and with `blockwise` a TIFF) opened lazily,
+    to be predicted block by block."""
+    if is_zarr(path) or (blockwise and Path(path).suffix.lower() in (".tif", ".tiff")):
+        return open_input(path)
     from .data import read_image  # imports torch: kept out of `--help`
 
     arr = read_image(path)
@@ -200,29 +213,34 @@ def _read_input(path: str) -> np.ndarray:
 
 def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None = None, seed: int | None = None,
                   tile: int = DEFAULT_TILE, chunk: int | None = None, progress: bool = True,
-                  device: str = "auto", overwrite: bool = False) -> list[Path]:
+                  device: str = "auto", overwrite: bool = False, blockwise: bool = False) -> list[Path]:
     """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
     `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
-    raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). All inputs are
-    read and checked, and OUT_DIR created, before any prediction; every file is written atomically, and the outputs
-    are all-or-nothing: if anything fails (a full disk, Ctrl-C), the files this call wrote and the folders it created
+    raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). A zarr /
+    OME-Zarr input (`*.zarr`) is predicted block by block, never held in memory, into OME-Zarr images of the same
+    names (`<stem>_<A>.ome.zarr`, ...; ome_zarr.py); with `blockwise`, TIFF inputs too. All inputs are read (zarr: opened and range-checked) and
+    checked, and OUT_DIR created, before any prediction; every file is written atomically, and the outputs are
+    all-or-nothing: if anything fails (a full disk, Ctrl-C), the files this call wrote and the folders it created
     are removed again."""
     from .fileio import OutputSet
 
-    stems = [Path(i).stem for i in inputs]
+    stems = [zarr_stem(i) if is_zarr(i) else Path(i).stem for i in inputs]
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise UserError(f"two inputs share the name {dup[0]!r}; their outputs would overwrite each other")
-    arrays = [_read_input(i) for i in inputs]  # fail on a bad input before spending time on the others
+    arrays = [_read_input(i, blockwise) for i in inputs]  # fail on a bad input before spending time on the others
     with OutputSet(out_dir):  # creates OUT_DIR now: an impossible output folder fails before any work
         return _predict_files(model, inputs, arrays, stems, Path(out_dir), n_samples, seed, tile, chunk, progress,
                               device, overwrite)
 
 
-def _output_paths(out: Path, stems: list[str], names: list[str], inputs: list[str], overwrite: bool) -> dict:
+def _output_paths(out: Path, stems: list[str], names: list[str], inputs: list[str], arrays: list,
+                  overwrite: bool) -> dict:
     """{stem: ([mean path per channel], uncertainty path)}, refused (one line) before any work when a path is an
-    input, is planned twice, or exists and `overwrite` is off: an input or an unrelated file is never lost."""
-    plan = {stem: ([out / f"{stem}_{_safe_name(n)}.tif" for n in names], out / f"{stem}_uncertainty.tif")
+    input, is planned twice, or exists and `overwrite` is off: an input or an unrelated file is never lost. TIFF
+    outputs for in-memory inputs, OME-Zarr for zarr inputs."""
+    ext = {stem: ".ome.zarr" if isinstance(a, ZarrInput) else ".tif" for stem, a in zip(stems, arrays)}
+    plan = {stem: ([out / f"{stem}_{_safe_name(n)}{ext[stem]}" for n in names], out / f"{stem}_uncertainty{ext[stem]}")
             for stem in stems}
     flat = [p for means, unc in plan.values() for p in (*means, unc)]
     ins = {Path(i).resolve() for i in inputs}
@@ -244,7 +262,7 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
     from .sampling import predict_stack
 
     sampler, names, norm, halo = load_sampler(model, n_samples, seed)
-    plan = _output_paths(out, stems, names, inputs, overwrite)
+    plan = _output_paths(out, stems, names, inputs, arrays, overwrite)
     sampler = sampler.to(pick_device(device))
     written: list[Path] = []
     base = {"model": str(Path(model).resolve()), "n_samples": int(sampler.n_samples), "seed": int(sampler.seed),
@@ -259,6 +277,10 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
             print(f"warning: {src}: {warning}", file=sys.stderr)
     jobs = list(zip(inputs, stems, arrays))
     for src, stem, arr in tqdm(jobs, desc="inputs", disable=not progress or len(inputs) < 2):
+        if isinstance(arr, ZarrInput):
+            written += _predict_zarr(sampler, arr, norm, names, plan[stem], dict(base, input=str(src)), tile, halo,
+                                     chunk, progress)
+            continue
         res = predict_stack(sampler, arr, norm, tile, halo, chunk, progress)
         mean, std = res["mean"], res["std"]  # (N, 2, Y, X)
         stack = arr.ndim == 3
@@ -273,3 +295,35 @@ def _predict_files(model, inputs, arrays, stems, out: Path, n_samples, seed, til
                          axes="NCYX" if stack else "CYX"))
         written.append(path)
     return written
+
+
+def _predict_zarr(sampler, inp: ZarrInput, norm, names: list[str], paths, meta: dict, tile: int, halo: int,
+                  chunk, progress: bool) -> list[Path]:
+    """One zarr input, plane by plane and tile by tile (sampling.predict_blocks), into the OME-Zarr outputs `paths`
+    ([mean per channel], uncertainty), each renamed into place once complete. Memory: one tile and its samples."""
+    from .sampling import predict_blocks
+
+    mean_paths, unc_path = paths
+    stack = inp.stack_axis is not None
+    lead = [{"n": "t"}.get(inp.stack_axis, inp.stack_axis)] if stack else []  # a plain array's stack: OME's "t"
+    n, (h, w) = len(inp.planes), inp.planes[0].shape
+    lead_shape = (n,) if stack else ()
+    m = sampler.vae.multiple
+    core = max(m, (int(tile) // m) * m)  # the tile's kept centre: one output chunk per tile, each written once
+    targets = {**{f"mean{c}": p for c, p in enumerate(mean_paths)}, "std": unc_path}
+    shapes = {**{f"mean{c}": (*lead_shape, h, w) for c in range(2)}, "std": (*lead_shape, 2, h, w)}
+    axes = {**{f"mean{c}": [*lead, "y", "x"] for c in range(2)}, "std": [*lead, "c", "y", "x"]}
+    attrs = {**{f"mean{c}": dict(meta, channel=names[c], quantity="MMSE estimate") for c in range(2)},
+             "std": dict(meta, channels=list(names), quantity="calibrated posterior std")}
+    with Writer(targets, shapes, axes, (core, core), attrs) as out:
+        for i, plane in enumerate(inp.planes):
+            at = (i,) if stack else ()
+
+            def put(where, mu, sd, _samples, at=at):
+                for c in range(2):
+                    out.put(f"mean{c}", (*at, *where), mu[c])
+                out.put("std", (*at, slice(None), *where), sd)
+
+            predict_blocks(sampler, plane, norm, put, tile, halo, chunk, progress,
+                           desc=f"{Path(inp.path).name} {i + 1}/{n}" if stack else Path(inp.path).name)
+    return [*mean_paths, unc_path]

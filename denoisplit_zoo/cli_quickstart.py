@@ -5,6 +5,8 @@ Heavy imports happen inside the command function so `--help` stays instant.
 
 from __future__ import annotations
 
+from .cli_args import add_threads
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -29,6 +31,7 @@ def register(sub) -> None:
                             "model)")
     start.add_argument("--from-scratch", action="store_true", help="train from random weights instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines are still printed)")
+    add_threads(p)
     p.set_defaults(func=_cmd_quickstart)
 
 

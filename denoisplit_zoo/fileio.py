@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -105,6 +106,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """`atomic_path` for a folder (a zarr store): yield a temporary folder beside `path`; on success it is renamed
+    onto `path` (an existing `path` is replaced: the caller decides whether that is allowed), on any error it is
+    removed. The active OutputSets remove a NEW folder again if their block fails later."""
+    path = Path(path)
+    _mkdirs(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        new = not path.exists()
+        if new:
+            for s in _ACTIVE_SETS:
+                s.trees.append(path)
+            os.replace(tmp, path)
+        else:  # rename the old one aside first: a folder cannot replace a non-empty folder in one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(path)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """`atomic_path`, opened for binary writing: write into the yielded file object."""
     with atomic_path(path) as tmp:
@@ -134,6 +166,7 @@ class OutputSet:
     def __init__(self, folder: str | os.PathLike | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.files: list[Path] = []
+        self.trees: list[Path] = []  # folders written whole by atomic_dir (zarr stores): removed with their contents
         self.dirs: list[Path] = []
         self.committed = False
 
@@ -146,6 +179,7 @@ class OutputSet:
     def commit(self) -> None:
         self.committed = True
         self.files.clear()
+        self.trees.clear()
         self.dirs.clear()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -155,6 +189,8 @@ class OutputSet:
         for p in reversed(self.files):
             with contextlib.suppress(OSError):
                 p.unlink(missing_ok=True)
+        for t in reversed(self.trees):
+            shutil.rmtree(t, ignore_errors=True)
         for d in reversed(self.dirs):
             with contextlib.suppress(OSError):
                 d.rmdir()  # only succeeds when empty

@@ -6,8 +6,10 @@ exported zip give the same numbers for the same K and seed:
 - `sample_tile`: bottom-up ONCE per tile, the K top-down passes in chunks of `chunk` samples (bounded memory). The
   latent noise of each chunk is the matching slice of the counter-based noise `SplitSampler` draws for all K at once,
   so chunking is invisible: same numbers as `sampler(x)`.
-- `predict_image`: any image size (also smaller than a patch, or 1 px): reflect padding by the halo, large tiles whose
-  origins sit on the network's 2**n_levels grid, only each tile's centre kept (every pixel computed once), stitched.
+- `predict_blocks`: any image size (also smaller than a patch, or 1 px): reflect padding by the halo, large tiles whose
+  origins sit on the network's 2**n_levels grid, only each tile's centre kept (every pixel computed once), handed
+  to a sink; it reads only the tiles, so a zarr array larger than memory works too. `predict_image`: the same into
+  numpy arrays.
 - `measure_halo`: the network's measured effective receptive field radius (the halo tiles need).
 
 Units: `sample_tile` works in NORMALISED units (input normalised with the training input stats, outputs in per-channel
@@ -220,44 +222,39 @@ def _tile_layout(length: int, tile: int, m: int) -> tuple[int, int]:
     return core, -(-length // core)
 
 
-def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int = DEFAULT_TILE, halo: Optional[int] = None,
-                  chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False) -> dict:
-    """Whole-image posterior prediction, RAW units in and out.
+# Receives each tile's kept centre: (image slices (Y, X), mean (2, ey, ex), std (2, ey, ex), samples (K, 2, ey, ex) or
+# None), raw units.
+BlockSink = Callable[[tuple[slice, slice], np.ndarray, np.ndarray, Optional[np.ndarray]], None]
 
-    image_raw (Y, X) = the superimposed image (sum of the two channels) -> dict(
-        mean (2, Y, X) raw MMSE estimates, std (2, Y, X) raw calibrated std (normalised std * target_std),
-        samples (K, 2, Y, X) raw if return_samples, tiles (int), halo (int)).
+
+def predict_blocks(sampler: SplitSampler, source, norm, put: BlockSink, tile: int = DEFAULT_TILE,
+                   halo: Optional[int] = None, chunk: Optional[int] = None, progress: bool = False,
+                   return_samples: bool = False, desc: str = "samples x tiles") -> dict:
+    """The tiled posterior loop over a 2-D RAW image `source` (Y, X): a numpy array, or any array sliced like one
+    (a zarr array, a memory map) of which only each tile and its halo are read, so memory is bounded by the tile,
+    not the image. Each tile's kept centre goes to `put` in raw units (see BlockSink). Returns dict(tiles, halo).
 
     Tiling: the image is reflect-padded by `halo` (default: `measure_halo(sampler.vae)`) on every side (repeated
     reflection for images smaller than the halo; edge for a 1-px axis). Tiles of `tile` (rounded down to a multiple
     of 2**n_levels) + 2 * halo pixels start on multiples of 2**n_levels of the padded frame, so every tile sees the
     same stride-2 grid as one big tile would; only each tile's centre is kept, so every pixel is computed once.
-    Tiles are gathered on the fly (no padded copy of the whole image).
-    """
-    img = np.asarray(image_raw, dtype=np.float32)
-    if img.ndim != 2 or min(img.shape) < 1:
-        raise UserError(f"expected a 2-D image (Y, X), got shape {img.shape}")
-    if not np.isfinite(img).all():
-        raise UserError("image contains NaN or inf")
+    Tiles are gathered on the fly (no padded copy of the image)."""
+    if len(source.shape) != 2 or min(source.shape) < 1:
+        raise UserError(f"expected a 2-D image (Y, X), got shape {tuple(source.shape)}")
     vae = sampler.vae
     m = vae.multiple
     if halo is None:
         halo = measure_halo(vae)
     halo = -(-int(halo) // m) * m
-    h, w = img.shape
+    h, w = (int(v) for v in source.shape)
     cy, ny = _tile_layout(h, tile, m)
     cx, nx = _tile_layout(w, tile, m)
-    x_norm = norm.normalize_input(img).astype(np.float32)
     k = int(sampler.n_samples)
-    mean = np.empty((2, h, w), np.float32)
-    std = np.empty((2, h, w), np.float32)
-    samples = np.empty((k, 2, h, w), np.float32) if return_samples else None
     device = next(vae.parameters()).device
     tm = np.asarray(norm.target_mean, np.float32).reshape(2, 1, 1)
     ts = np.asarray(norm.target_std, np.float32).reshape(2, 1, 1)
     chunk = int(chunk) if chunk else auto_chunk(sampler, cy + 2 * halo, cx + 2 * halo)
-    bar = tqdm(total=ny * nx * k, desc="samples x tiles", unit="pass", disable=not progress or ny * nx * k < 4,
-               leave=False)
+    bar = tqdm(total=ny * nx * k, desc=desc, unit="pass", disable=not progress or ny * nx * k < 4, leave=False)
     # NHWC and heap-reused activations on the CPU: together 1.3-2.25x faster sampling, same numbers
     # (benchmarks/bench_cpu_paths.py; allocator.py)
     with cpu_channels_last(vae), heap_allocations(device.type == "cpu"):
@@ -266,22 +263,55 @@ def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int 
                 y0, x0 = i * cy, j * cx  # image coordinates of the kept centre; the tile starts halo earlier
                 rows = reflect_index(np.arange(y0 - halo, y0 + cy + halo), h)
                 cols = reflect_index(np.arange(x0 - halo, x0 + cx + halo), w)
-                t = torch.from_numpy(np.ascontiguousarray(x_norm[np.ix_(rows, cols)]))[None, None].to(device)
-                mu, sd, smp = sample_tile(sampler, t, chunk, return_samples, on_chunk=bar.update)
+                # one rectangular read covering the tile (reflected rows / columns lie inside it)
+                r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+                window = np.asarray(source[r0:r1, c0:c1], dtype=np.float32)
+                raw = window[np.ix_(rows - r0, cols - c0)]
+                if not np.isfinite(raw).all():
+                    raise UserError("image contains NaN or inf")
+                t = torch.from_numpy(np.ascontiguousarray(norm.normalize_input(raw).astype(np.float32)))
+                mu, sd, smp = sample_tile(sampler, t[None, None].to(device), chunk, return_samples,
+                                          on_chunk=bar.update)
                 ey, ex = min(cy, h - y0), min(cx, w - x0)  # the last tile may stick out of the image
                 keep = (slice(halo, halo + ey), slice(halo, halo + ex))
-                out = (slice(y0, y0 + ey), slice(x0, x0 + ex))
-                mean[(slice(None), *out)] = mu[0][(slice(None), *keep)].cpu().numpy() * ts + tm
-                std[(slice(None), *out)] = sd[0][(slice(None), *keep)].cpu().numpy() * ts
-                if return_samples:
-                    raw = smp[:, 0][(slice(None), slice(None), *keep)].cpu().numpy() * ts + tm
-                    samples[(slice(None), slice(None), *out)] = raw
+                mean = mu[0][(slice(None), *keep)].cpu().numpy() * ts + tm
+                std = sd[0][(slice(None), *keep)].cpu().numpy() * ts
+                if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # never hand out NaN/inf predictions
+                    raise UserError(f"the prediction is not finite: the input's intensities ({raw.min():.4g} .. "
+                                    f"{raw.max():.4g}) are too far outside the training data's (mean "
+                                    f"{norm.input_mean:.4g}, std {norm.input_std:.4g})")
+                samples = smp[:, 0][(slice(None), slice(None), *keep)].cpu().numpy() * ts + tm \
+                    if return_samples else None
+                put((slice(y0, y0 + ey), slice(x0, x0 + ex)), mean, std, samples)
     bar.close()
-    if not (np.isfinite(mean).all() and np.isfinite(std).all()):  # never hand out (or write) NaN/inf predictions
-        raise UserError(f"the prediction is not finite: the input's intensities ({img.min():.4g} .. {img.max():.4g}) "
-                        f"are too far outside the training data's (mean {norm.input_mean:.4g}, std "
-                        f"{norm.input_std:.4g})")
-    return {"mean": mean, "std": std, "samples": samples, "tiles": ny * nx, "halo": halo}
+    return {"tiles": ny * nx, "halo": halo}
+
+
+def predict_image(sampler: SplitSampler, image_raw: np.ndarray, norm, tile: int = DEFAULT_TILE, halo: Optional[int] = None,
+                  chunk: Optional[int] = None, progress: bool = False, return_samples: bool = False) -> dict:
+    """Whole-image posterior prediction in memory, RAW units in and out (predict_blocks into numpy arrays).
+
+    image_raw (Y, X) = the superimposed image (sum of the two channels) -> dict(
+        mean (2, Y, X) raw MMSE estimates, std (2, Y, X) raw calibrated std (normalised std * target_std),
+        samples (K, 2, Y, X) raw if return_samples, tiles (int), halo (int))."""
+    img = np.asarray(image_raw, dtype=np.float32)
+    if img.ndim != 2 or min(img.shape) < 1:
+        raise UserError(f"expected a 2-D image (Y, X), got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise UserError("image contains NaN or inf")
+    h, w = img.shape
+    mean = np.empty((2, h, w), np.float32)
+    std = np.empty((2, h, w), np.float32)
+    samples = np.empty((int(sampler.n_samples), 2, h, w), np.float32) if return_samples else None
+
+    def put(out, mu, sd, smp):
+        mean[(slice(None), *out)] = mu
+        std[(slice(None), *out)] = sd
+        if samples is not None:
+            samples[(slice(None), slice(None), *out)] = smp
+
+    res = predict_blocks(sampler, img, norm, put, tile, halo, chunk, progress, return_samples)
+    return {"mean": mean, "std": std, "samples": samples, **res}
 
 
 def predict_stack(sampler: SplitSampler, images_raw: np.ndarray, norm, tile: int = DEFAULT_TILE, halo: Optional[int] = None,
@@ -307,5 +337,5 @@ def predict_stack(sampler: SplitSampler, images_raw: np.ndarray, norm, tile: int
     return {"mean": np.stack(means), "std": np.stack(stds), "halo": halo}
 
 
-__all__ = ["measure_halo", "sample_tile", "predict_image", "predict_stack", "reflect_index",
+__all__ = ["measure_halo", "sample_tile", "predict_blocks", "predict_image", "predict_stack", "reflect_index",
            "auto_chunk", "HALO_TOLERANCE"]

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .allocator import heap_allocations
 from .config import DATA_FROM_RUN, RunConfig, load_run_config
 from .data import PatchDataset, PreparedData, prepare_data, validation_tiles
+from .distributed import RANK_SEED_STRIDE, SINGLE, World, process_group, world_from_env
 from .errors import UserError
 from .fileio import (OutputSet, read_json, remove_stale_temps, torch_load, torch_save, write_json, write_text,
                      write_yaml)
@@ -93,7 +95,7 @@ class _State:
     def __init__(self):
         self.step = 0
         self.epoch = 0
-        self.pos = 0  # position inside the epoch's permutation
+        self.pos = 0  # position inside the epoch's permutation (all ranks' batches before it are drawn)
         self.best_val = float("inf")
         self.best_step = -1  # step of checkpoints/best.pt
         self.bad_validations = 0
@@ -135,7 +137,7 @@ NoiseModels = Sequence[GMMNoiseModel | str | Path]
 
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: Optional[NoiseModels] = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, world: Optional[World] = None) -> TrainResult:
     """Train a run into `out` (docs/contracts.md run folder). With resume=True, `cfg` is replaced by the run's config
     except for the stopping limits (max_steps / max_minutes), which the caller may extend. `noise_models`: two
     pre-fitted GMMs (GMMNoiseModel objects or .npz paths) instead of fitting them from the training pairs.
@@ -145,17 +147,24 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: O
     epoch's permutation, early-stopping state), so a process killed at any moment (even SIGKILL) resumes with
     resume=True exactly where last.pt was written (at most `val_every` steps are lost) and continues as if it had
     never stopped. A fresh run that fails before its first checkpoint leaves nothing behind (its folder is removed);
-    one killed before its first checkpoint restarts from step 0 on resume."""
+    one killed before its first checkpoint restarts from step 0 on resume.
+
+    Several processes (`world`, default: what torchrun's environment says; docs/distributed.md): every rank trains
+    on its own patches and DistributedDataParallel averages the gradients; rank 0 alone checks and writes the run
+    folder, the others read it once rank 0 has set it up. World size 1 is the single-process path, bit for bit."""
     out = Path(out)
+    world = world or world_from_env()
+    if not world.main:  # rank 0 checks, creates and locks the folder; this rank reads it after rank 0's setup
+        return _train(cfg, RunPaths(out), resume, noise_models, False, None, world)
     paths = _prepare_run_dir(out, resume)
     if resume:
         with RunLock(out, "train --resume"):
-            return _train(cfg, paths, resume, noise_models, progress, None)
+            return _train(cfg, paths, resume, noise_models, progress, None, world)
     with OutputSet(out) as outputs:
         if not os.access(out, os.W_OK):
             raise UserError(f"{out} is not writable")
         with RunLock(out, "train"):
-            return _train(cfg, paths, resume, noise_models, progress, outputs)
+            return _train(cfg, paths, resume, noise_models, progress, outputs, world)
 
 
 def _run_config(cfg: RunConfig, paths: RunPaths, resume: bool) -> RunConfig:
@@ -238,13 +247,19 @@ class Trainer:
     benchmarks/bench_training.py times the same `step`.
 
     Batches: x (B, 1, P, P) normalised input, y (B, 2, P, P) RAW noisy targets (the likelihood works in raw units).
-    `memory_format` / `amp_dtype` override the device's defaults (benchmarks compare them)."""
+    `memory_format` / `amp_dtype` override the device's defaults (benchmarks compare them).
+
+    On several processes (`world`, after `distribute()`): each rank draws its own batch_size patches per step,
+    DistributedDataParallel averages the gradients (effective batch world.size x batch_size, same learning rate),
+    and every decision (skip a non-finite step, the validation loss behind LR schedule and early stopping) is the
+    same on every rank, so the ranks' weights stay identical. `model` is always the plain network (checkpoints,
+    validation); `net` is what the training forward goes through."""
 
     def __init__(self, cfg: RunConfig, norm: Normalization, noise_models: Optional[list[GMMNoiseModel]],
                  device: torch.device, memory_format: Optional[torch.memory_format] = None,
-                 amp_dtype: Optional[torch.dtype] = None):
+                 amp_dtype: Optional[torch.dtype] = None, world: World = SINGLE):
         tc = self.tc = cfg.train
-        self.device = device
+        self.device, self.world = device, world
         # NHWC convolutions on the CPU: with heap_allocations, 1.18x (tiny) / 1.13x (small) / 1.51x (paper) training
         # steps on this project's 2-core CPU (benchmarks/README.md, bench_training.py); identical arithmetic
         # (fixed-noise loss equal). Not measured on CUDA: left contiguous there.
@@ -253,7 +268,7 @@ class Trainer:
         default_amp = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16) \
             if use_amp else None
         self.amp_dtype = amp_dtype or default_amp
-        self.model = build_model(cfg)
+        self.model = self.net = build_model(cfg)
         self.opt = torch.optim.Adamax(self.model.parameters(), lr=tc.lr)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=tc.lr_factor,
                                                                 patience=tc.lr_patience, min_lr=1e-12)
@@ -269,11 +284,28 @@ class Trainer:
         self.model.to(self.device, memory_format=self.fmt)
         return self
 
-    def objective(self, x: torch.Tensor, y: torch.Tensor):
-        """losses.LossTerms of a batch at the current step's KL weight."""
+    def distribute(self) -> "Trainer":
+        """Wrap the network in DistributedDataParallel (after to_device and any restore; its constructor copies rank
+        0's weights and buffers to every rank). No SyncBatchNorm: it has no CPU (gloo) implementation, and each rank's
+        batch-norm statistics come from the preset's full per-step batch, as in the single-process path; rank 0's
+        running statistics are copied to the others at every forward (DDP's broadcast_buffers) and before each
+        validation. A no-op at world size 1."""
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # channels_last gives the 1x1 kernels strides their gradients do not share; DDP warns that copying
+            # them into its buckets may be slower, which is all it means (the values are the same)
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        return self
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor, net: Optional[torch.nn.Module] = None):
+        """losses.LossTerms of a batch at the current step's KL weight, through `net` (default: the training
+        forward, `self.net`)."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            pred, kls = self.model(x, compute_kl=True)
+            pred, kls = (net or self.net)(x, compute_kl=True)
         tc = self.tc
         return loss_terms(tc.loss, pred.float(), [k.float() for k in kls], y, latent_shapes=self.latent_shapes,
                           noise_models=self.noise_models, target_mean=self.t_mean, target_std=self.t_std,
@@ -281,14 +313,17 @@ class Trainer:
                           kl_formulation=tc.kl_formulation)
 
     def batch(self, dataset: PatchDataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch of the epoch's fixed permutation (a function of seed, epoch and position: exact resume)."""
-        st, bs = self.state, self.tc.batch_size
+        """The next batch of the epoch's fixed permutation (a function of seed, epoch and position: exact resume).
+        Rank r of N takes the r-th of the next N batches of the same permutation: different patches on every rank,
+        and each rank's draw reproducible."""
+        st, bs, n = self.state, self.tc.batch_size, self.world.size
         dataset.set_epoch(st.epoch)
         g = torch.Generator().manual_seed(self.tc.seed * 100003 + st.epoch)
-        idx = torch.randperm(len(dataset), generator=g)[st.pos: st.pos + bs].tolist()
+        start = st.pos + self.world.rank * bs
+        idx = torch.randperm(len(dataset), generator=g)[start: start + bs].tolist()
         items = [dataset[i] for i in idx]
-        st.pos += bs
-        if st.pos + bs > len(dataset):
+        st.pos += bs * n
+        if st.pos + bs * n > len(dataset):
             st.epoch, st.pos = st.epoch + 1, 0
         x = torch.stack([b[0] for b in items]).to(self.device, memory_format=self.fmt)
         return x, torch.stack([b[1] for b in items]).to(self.device)
@@ -298,7 +333,8 @@ class Trainer:
         overflowing batch cannot poison the weights. Returns the batch's LossTerms."""
         terms = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
-        if torch.isfinite(terms.total):
+        # every rank skips if any rank's loss is not finite: DDP's backward is a collective all must join
+        if not self.world.any(not bool(torch.isfinite(terms.total)), self.device):
             terms.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
             if torch.isfinite(grad_norm):
@@ -315,6 +351,7 @@ class Trainer:
         """(reconstruction NLL, KL) per tile on fixed validation tiles, with the same latent draws every time. The
         early-stopping signal is the NLL alone, as in the paper's code (the KL's Monte-Carlo noise would make it
         noisy). Eval mode: batch-norm running statistics, no dropout."""
+        self.world.broadcast_buffers(self.model)  # every rank validates rank 0's model
         self.model.eval()
         rec, kl, n = 0.0, 0.0, 0
         g = torch.get_rng_state()
@@ -323,71 +360,103 @@ class Trainer:
         with torch.no_grad():
             for i in range(0, len(val_x), bs):
                 x = val_x[i: i + bs].to(self.device, memory_format=self.fmt)
-                terms = self.objective(x, val_y[i: i + bs].to(self.device))
+                terms = self.objective(x, val_y[i: i + bs].to(self.device), net=self.model)
                 rec += float(terms.reconstruction) * len(x)
                 kl += float(terms.kl) * len(x)
                 n += len(x)
         torch.set_rng_state(g)
         self.model.train()
-        return rec / n, kl / n
+        # rank 0's numbers everywhere: ranks on other hardware could differ in the last bit, and LR schedule and
+        # early stopping must decide alike
+        rec, kl = self.world.from_main([rec / n, kl / n], self.device)
+        return rec, kl
 
     def take_running_means(self) -> dict:
         """The training-loss means since the last call (for the log), and a reset."""
         r, n = self.running, max(self.running["n"], 1)
-        out = {"train_loss": r["loss"] / n, "train_reconstruction": r["rec"] / n, "train_kl": r["kl"] / n}
+        loss, rec, kl = self.world.mean([r["loss"] / n, r["rec"] / n, r["kl"] / n], self.device)  # over ranks
+        out = {"train_loss": loss, "train_reconstruction": rec, "train_kl": kl}
         r.update(loss=0.0, rec=0.0, kl=0.0, n=0)
         return out
 
     def checkpoint(self, path: Path) -> None:
+        """Write the resumable state (rank 0 writes; every rank must call it: the ranks' RNG states are gathered)."""
+        rng = self.world.gather_tensor(torch.get_rng_state())
         ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-              "scheduler": self.sched.state_dict(), "state": self.state.to_dict(), "rng_cpu": torch.get_rng_state()}
+              "scheduler": self.sched.state_dict(), "state": self.state.to_dict(), "rng_cpu": rng[0],
+              "world_size": self.world.size}
+        if self.world.distributed:
+            ck["rng_cpu_ranks"] = rng
         if self.device.type == "cuda":
-            ck["rng_cuda"] = torch.cuda.get_rng_state()
-        torch_save(path, ck)
+            rng_cuda = self.world.gather_tensor(torch.cuda.get_rng_state())
+            ck["rng_cuda"] = rng_cuda[0]
+            if self.world.distributed:
+                ck["rng_cuda_ranks"] = rng_cuda
+        if self.world.main:
+            torch_save(path, ck)
 
     def restore(self, path: Path) -> None:
-        """Continue from a checkpoint written by `checkpoint`: weights, optimizer, schedule, state and RNG."""
+        """Continue from a checkpoint written by `checkpoint`: weights, optimizer, schedule, state and RNG. A run
+        resumes only with the number of processes it was started with (the batches each step drew depend on it)."""
         ck = torch_load(path)
+        size = ck.get("world_size", 1) if isinstance(ck, dict) else 1
+        if size != self.world.size:
+            raise UserError(f"{path} was written by a training of {size} process{'es' if size > 1 else ''}; resume "
+                            f"it with the same number (denoisplit-zoo train --nproc {size}, or torchrun "
+                            f"--nproc-per-node {size}), not {self.world.size}")
+        r = self.world.rank
         try:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
             self.sched.load_state_dict(ck["scheduler"])
             self.state.load(ck["state"])
-            torch.set_rng_state(ck["rng_cpu"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            torch.set_rng_state(ck["rng_cpu_ranks"][r] if self.world.distributed else ck["rng_cpu"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise UserError(f"{path} does not fit this run's config.yaml ({type(e).__name__}: {first})") from None
         if self.device.type == "cuda" and "rng_cuda" in ck:
-            torch.cuda.set_rng_state(ck["rng_cuda"])
+            torch.cuda.set_rng_state(ck["rng_cuda_ranks"][r] if self.world.distributed else ck["rng_cuda"])
 
 
 def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Optional[NoiseModels],
-           progress: bool, outputs: Optional[OutputSet]) -> TrainResult:
+           progress: bool, outputs: Optional[OutputSet], world: World = SINGLE) -> TrainResult:
     restart = resume and not paths.last.is_file()  # killed before the first checkpoint: start again at step 0
-    cfg = _run_config(cfg, paths, resume)
-    tc = cfg.train
-    device = pick_device(tc.device)
-    seed_everything(tc.seed)
-    if restart:
-        _refuse_lost_history(paths)
-    prepared = prepare_data(cfg.data, tc.patch_size, None if resume and not restart else paths.root)
-    if resume and not restart:
-        _check_resumed_data(paths, prepared)
-    if not resume or restart:
-        write_json(paths.normalization, prepared.norm.to_dict())
-    noise_models = acquire_noise_models(cfg, prepared, paths, given_noise_models, progress, device)
+    with process_group(world, pick_device(cfg.train.device)) as device:
+        if world.main:  # checks and writes the run folder: config, split, normalisation, noise models
+            cfg = _run_config(cfg, paths, resume)
+            seed_everything(cfg.train.seed)
+            if restart:
+                _refuse_lost_history(paths)
+            prepared = prepare_data(cfg.data, cfg.train.patch_size, None if resume and not restart else paths.root)
+            if resume and not restart:
+                _check_resumed_data(paths, prepared)
+            if not resume or restart:
+                write_json(paths.normalization, prepared.norm.to_dict())
+            noise_models = acquire_noise_models(cfg, prepared, paths, given_noise_models, progress, device)
+        world.barrier()  # (a rank 0 that failed above is gone, and torchrun stops the others)
+        if not world.main:  # rank 0's folder is complete: read it (the noise models too), write nothing
+            cfg = _run_config(cfg, paths, resume=True)
+            seed_everything(cfg.train.seed)
+            prepared = prepare_data(cfg.data, cfg.train.patch_size, None)
+            noise_models = acquire_noise_models(cfg, prepared, paths, None, False, device)
+        tc = cfg.train
 
-    trainer = Trainer(cfg, prepared.norm, noise_models, device)
-    if tc.init_from and (not resume or restart):
-        _init_weights(trainer.model, cfg, tc.init_from, paths.provenance)
-    trainer.to_device()
-    if restart:
-        _truncate_log(paths.log, 0)
-    elif resume:
-        trainer.restore(paths.last)
-        _truncate_log(paths.log, trainer.state.step)
-    result = _Loop(trainer, prepared, paths, outputs, progress).run()
-    if paths.best.is_file():
+        trainer = Trainer(cfg, prepared.norm, noise_models, device, world=world)
+        if tc.init_from and (not resume or restart):
+            _init_weights(trainer.model, cfg, tc.init_from, paths.provenance if world.main else None)
+        trainer.to_device()
+        if restart or not resume:
+            if world.rank > 0:  # other latent draws and dropout masks than rank 0's (rank 0: the seed's own)
+                torch.manual_seed(tc.seed + RANK_SEED_STRIDE * world.rank)
+            if restart and world.main:
+                _truncate_log(paths.log, 0)
+        else:
+            trainer.restore(paths.last)
+            if world.main:
+                _truncate_log(paths.log, trainer.state.step)
+        trainer.distribute()
+        result = _Loop(trainer, prepared, paths, outputs, progress and world.main).run()
+    if paths.best.is_file() and world.main:
         record_halo(paths.root)  # measured once here; calibrate / evaluate / predict / export read it
     return result
 
@@ -402,7 +471,7 @@ class _Loop:
         tc = self.tc = trainer.tc
         self.dataset = PatchDataset(prepared.train, prepared.norm, tc.patch_size, seed=tc.seed)
         self.val_x, self.val_y = validation_tiles(prepared.val, prepared.norm, tc.patch_size, max_tiles=64)
-        steps_per_epoch = max(1, len(self.dataset) // tc.batch_size)
+        steps_per_epoch = max(1, len(self.dataset) // (tc.batch_size * trainer.world.size))  # all ranks' batches
         self.max_steps = tc.max_steps if tc.max_steps is not None else tc.max_epochs * steps_per_epoch
         self.deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
         self.t_start = time.monotonic() - trainer.state.seconds
@@ -412,6 +481,7 @@ class _Loop:
     def run(self) -> TrainResult:
         t, st, tc = self.t, self.t.state, self.tc
         stopped = "max_steps"
+        world = t.world
         if st.bad_validations >= tc.early_stop_patience:  # resuming a run that had already stopped early
             stopped, self.max_steps = "early_stopping", st.step
         t.model.train()
@@ -420,7 +490,7 @@ class _Loop:
         try:
             with heap_allocations(t.device.type == "cpu"):  # reuse freed activations (allocator.py)
                 while st.step < self.max_steps:
-                    if self.deadline is not None and time.monotonic() >= self.deadline:
+                    if self.deadline is not None and world.any(time.monotonic() >= self.deadline, t.device):
                         stopped = "max_minutes"
                         break
                     terms = t.step(*t.batch(self.dataset))
@@ -469,14 +539,16 @@ class _Loop:
         entry["best"] = improved  # the log's last "best" entry is checkpoints/best.pt
         # Order matters for a kill at any moment: log line, best.pt, then last.pt. A resume starts from last.pt and
         # drops log lines after its step, and replays the same steps (exact resume), so it rewrites both the same.
-        _append_log(paths.log, entry)
+        if t.world.main:
+            _append_log(paths.log, entry)
         if improved:
             t.checkpoint(paths.best)
-        t.checkpoint(paths.last)
+        t.checkpoint(paths.last)  # (every rank calls it: it gathers their RNG states; rank 0 writes)
         if self.outputs is not None:
             self.outputs.commit()  # a resumable run from here on: keep the folder even if training fails later
-        self.bar.write(f"step {st.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
-                       f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
+        if t.world.main:
+            self.bar.write(f"step {st.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
+                           f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
         return st.bad_validations >= tc.early_stop_patience
 
 
@@ -491,10 +563,10 @@ def _append_log(log: Path, entry: dict) -> None:
         os.close(fd)
 
 
-def _init_weights(model, cfg: RunConfig, source: str, provenance: Path) -> None:
+def _init_weights(model, cfg: RunConfig, source: str, provenance: Optional[Path]) -> None:
     """Fine-tuning: copy the network weights of `source` (pretrained.load_init_source) into `model` and record where
-    they came from (with the weights file's sha256) in the run's provenance.json. Only weights: the optimizer, the
-    noise models and the normalisation are the new run's."""
+    they came from (with the weights file's sha256) in the run's provenance.json (None: not written, a rank > 0).
+    Only weights: the optimizer, the noise models and the normalisation are the new run's."""
     src = load_init_source(source)
     require_same_architecture(cfg.model, cfg.train.patch_size, src)
     order = tuple(cfg.train.init_channels or (0, 1))
@@ -503,7 +575,8 @@ def _init_weights(model, cfg: RunConfig, source: str, provenance: Path) -> None:
     except RuntimeError as e:
         raise UserError(f"--init-from {source}: the weights do not fit the architecture "
                         f"({str(e).strip().splitlines()[0]})") from None
-    write_json(provenance, {"init_from": {**src.provenance(), "channel_order": list(order)}})
+    if provenance is not None:
+        write_json(provenance, {"init_from": {**src.provenance(), "channel_order": list(order)}})
 
 
 def _truncate_log(log: Path, step: int) -> None:

@@ -166,6 +166,8 @@ def write_packages(root: Path, run: Path) -> Path:
     variant("yaml_aliases.zip", lambda m: m.update({"rdf.yaml": laughs + m["rdf.yaml"]}))
     variant("huge_architecture.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
         m["rdf.yaml"], lambda d: d["architecture"].update(n_filters=10**7))}))  # ~10^14 parameters if built
+    variant("architecture_too_big_for_weights.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
+        m["rdf.yaml"], lambda d: d["architecture"].update(n_filters=1024, n_levels=8, z_dim=1024))}))  # in limits
     variant("bad_channel_names.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
         m["rdf.yaml"], lambda d: d.update(channel_names=["only one"]))}))
     variant("bad_normalization.zip", lambda m: m.update({"rdf.yaml": _edit_rdf(
@@ -418,6 +420,8 @@ CASES = [
          _predict("{pkg}/yaml_aliases.zip", "img.tif"), "out_pred", "aliases"),
     Case("zip-huge-architecture", "rdf.yaml declares n_filters 10^7 (~10^14 parameters)",
          _predict("{pkg}/huge_architecture.zip", "img.tif"), "out_pred", "n_filters"),
+    Case("zip-architecture-vs-weights", "rdf.yaml declares a ~10^9-parameter network within the limits; weights.pt "
+         "holds 0.1 MB", _predict("{pkg}/architecture_too_big_for_weights.zip", "img.tif"), "out_pred", "too few"),
     Case("zip-bad-channel-names", "rdf.yaml `channel_names: [only one]`",
          _predict("{pkg}/bad_channel_names.zip", "img.tif"), "out_pred", "channel_names"),
     Case("zip-bad-normalization", "rdf.yaml `normalization: {input_mean: high}`",

@@ -169,11 +169,18 @@ def load_package_sampler(zip_path, n_samples: Optional[int] = None, seed: Option
         source, sha = entry.get("source"), entry.get("sha256")
         if not isinstance(source, str) or not _safe_member(source):
             raise UserError(f"{zip_path}: rdf.yaml has no usable weights.pytorch_state_dict.source")
-        # the declared architecture says how big its weights are: nothing much larger is read into memory
-        limit = 2 * state_dict_bytes(kwargs) + (1 << 20)
+        # the declared architecture says how big its weights are: nothing much larger is read into memory, and
+        # nothing is built that the file cannot hold (the serialised tensors are at least their bytes; half of it
+        # leaves room for storages two entries share) — else a 0.1 MB package could declare a 10^9-parameter
+        # network within ARCH_LIMITS and have this process allocate it before load_state_dict refuses
+        need = state_dict_bytes(kwargs)
+        limit = 2 * need + (1 << 20)
         blob = _read_member(zf, source, limit)
         if not sha or hashlib.sha256(blob).hexdigest() != str(sha).lower():
             raise UserError(f"{zip_path}: {source} does not match its sha256 in rdf.yaml (corrupt or edited package)")
+        if len(blob) < need // 2:
+            raise UserError(f"{zip_path}: {source} holds {len(blob)} bytes, too few for the {need} bytes of tensors "
+                            "config.denoisplit.architecture declares (the architecture does not match the weights)")
         _check_listed_files(zf, rdf, zip_path, skip=source, limit=4 * limit + (16 << 20))
 
     try:
