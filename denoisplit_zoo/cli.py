@@ -133,7 +133,7 @@ def _cmd_train(a) -> int:
 def _without_nproc(argv: list[str]) -> list[str]:
     """The command line without its --nproc option (what every launched process runs)."""
     out, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
         elif arg == "--nproc":

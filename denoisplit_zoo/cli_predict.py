@@ -217,11 +217,11 @@ def predict_files(model: str, inputs: list[str], out_dir, n_samples: int | None 
     """Predict every input (raw superimposed image, (Y, X) or (N, Y, X)) and write, per input stem,
     `<stem>_<A>.tif`, `<stem>_<B>.tif` (MMSE, raw units) and `<stem>_uncertainty.tif` (calibrated std of A and B,
     raw units, channel axis before Y, X), float32, with JSON metadata (model, K, seed, units, ...). A zarr /
-    OME-Zarr input (`*.zarr`) is predicted block by block, never held in memory, into OME-Zarr images of the same
-    names (`<stem>_<A>.ome.zarr`, ...; ome_zarr.py); with `blockwise`, TIFF inputs too. All inputs are read (zarr: opened and range-checked) and
-    checked, and OUT_DIR created, before any prediction; every file is written atomically, and the outputs are
-    all-or-nothing: if anything fails (a full disk, Ctrl-C), the files this call wrote and the folders it created
-    are removed again."""
+    OME-Zarr input (`*.zarr`; with `blockwise`, a TIFF too) is predicted block by block, never held in memory, into
+    OME-Zarr images of the same names (`<stem>_<A>.ome.zarr`, ...; ome_zarr.py). All inputs are read (lazy ones:
+    opened and range-checked) and checked, and OUT_DIR created, before any prediction; every file is written
+    atomically, and the outputs are all-or-nothing: if anything fails (a full disk, Ctrl-C), the files this call
+    wrote and the folders it created are removed again."""
     from .fileio import OutputSet
 
     stems = [zarr_stem(i) if is_zarr(i) else Path(i).stem for i in inputs]

@@ -126,8 +126,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:  # rename the old one aside first: a folder cannot replace a non-empty folder in one rename
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "x", path)  # the earlier output back where it was
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not e.filename:

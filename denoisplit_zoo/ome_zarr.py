@@ -64,12 +64,6 @@ class ZarrInput:
     path: str
     planes: list[Plane]          # the stack's images, each (Y, X)
     stack_axis: str | None       # "t" / "z" (or "n" for a plain 3-D array); None for one image
-    dtype: np.dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        y, x = self.planes[0].shape
-        return (len(self.planes), y, x) if self.stack_axis else (y, x)
 
     def value_range(self) -> tuple[float, float]:
         """(min, max) over the whole image, read chunk row by chunk row (bounded memory); UserError on NaN / inf."""
@@ -171,7 +165,7 @@ def _input(path: str, array, axes: list[str] | None) -> ZarrInput:
                   for k in range(shape[i_stack])]
     else:
         name, planes = None, [Plane(array, tuple(0 for _ in lead))]
-    return ZarrInput(str(path), planes, name, array.dtype)
+    return ZarrInput(str(path), planes, name)
 
 
 def _axes(names: list[str]) -> list[dict]:

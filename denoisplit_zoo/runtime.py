@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,13 +30,13 @@ LOAD_SAMPLE_S = 0.2
 def _cpu_ticks(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
     """/proc/stat: (idle + iowait, total) jiffies of each CPU in `cpus`; None where /proc/stat is unreadable."""
     try:
-        lines = open("/proc/stat").read().splitlines()  # noqa: SIM115  (a tiny procfs file)
+        lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
     out = {}
     for line in lines:
-        name, *vals = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+        name, *vals = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(vals) >= 5:
             v = [int(x) for x in vals[:8]]
             out[int(name[3:])] = (v[3] + v[4], sum(v))
     return out or None

@@ -149,3 +149,28 @@ def test_existing_output_refused_then_overwritten_and_failure_leaves_nothing(tin
     fresh = tmp_path / "fresh"
     assert main(["predict", str(tiny_run), str(tmp_path / "img.zarr"), "--out", str(fresh), *ARGS]) == 130
     assert not fresh.exists()  # no output, no temp store, no folder
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    """--overwrite of a zarr output: the old store is moved aside, the new one renamed in; if that rename fails
+    (a full disk, a signal) the old one is put back and no temporary folder stays."""
+    import os
+
+    from denoisplit_zoo.fileio import atomic_dir
+
+    target = tmp_path / "x.zarr"
+    target.mkdir()
+    (target / "old").write_text("1")
+    real, calls = os.replace, []
+
+    def flaky(a, b):
+        calls.append(1)
+        if len(calls) == 2:  # the new store onto the target
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError), atomic_dir(target) as tmp:
+        (tmp / "new").write_text("2")
+    assert (target / "old").read_text() == "1" and not (target / "new").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.zarr"]
