@@ -300,6 +300,12 @@ def _main(argv: list[str] | None) -> int:
         _say(f"error: {e.strerror or _first_line(e)}{f': {e.filename}' if e.filename else ''}")
         return 2
     except Exception as e:  # a bug, not bad input: still one line unless asked for the traceback
+        if _out_of_memory(e):  # an allocation the machine cannot hold: what to do instead, in one line
+            hint = ("predict a zarr input, or a TIFF with --blockwise: memory of one tile, not of the image"
+                    if getattr(args, "cmd", None) == "predict" else
+                    "a smaller preset, batch, --tile or --chunk lowers it")
+            _say(f"error: out of memory ({hint})")
+            return 2
         if os.environ.get("DENOISPLIT_ZOO_TRACEBACK"):
             raise
         if _peer_gone(e):
@@ -307,6 +313,14 @@ def _main(argv: list[str] | None) -> int:
         _say(f"internal error: {type(e).__name__}: {_first_line(e)} "
              "(set DENOISPLIT_ZOO_TRACEBACK=1 for the traceback; please report it)", always=True)
         return 1
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """numpy's MemoryError, or torch's allocator failing (a RuntimeError on the CPU: "DefaultCPUAllocator: can't
+    allocate memory"; torch.OutOfMemoryError on CUDA)."""
+    first = _first_line(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in first or "out of memory" in first.lower()))
 
 
 def _peer_gone(e: BaseException) -> bool:

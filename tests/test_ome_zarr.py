@@ -174,3 +174,21 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
         (tmp / "new").write_text("2")
     assert (target / "old").read_text() == "1" and not (target / "new").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["x.zarr"]
+
+
+def test_out_of_memory_is_one_line_that_says_what_to_do(tiny_run, tmp_path, stack, capsys, monkeypatch, one_thread):
+    """An image too large to predict in memory: one line pointing to the block-by-block paths, nothing written."""
+    import denoisplit_zoo.sampling as S
+
+    tifffile.imwrite(tmp_path / "img.tif", stack)
+
+    for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                              "can't allocate memory: you tried to allocate 11829248 bytes.")):
+        def no_memory(*a, error=error, **k):
+            raise error
+
+        monkeypatch.setattr(S, "predict_stack", no_memory)
+        assert main(["predict", str(tiny_run), str(tmp_path / "img.tif"), "--out", str(tmp_path / "o"), *ARGS]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "out of memory" in err and "--blockwise" in err
+        assert not (tmp_path / "o").exists()
