@@ -301,7 +301,7 @@ def _predict_zarr(sampler, inp: ZarrInput, norm, names: list[str], paths, meta: 
                   chunk, progress: bool) -> list[Path]:
     """One zarr input, plane by plane and tile by tile (sampling.predict_blocks), into the OME-Zarr outputs `paths`
     ([mean per channel], uncertainty), each renamed into place once complete. Memory: one tile and its samples."""
-    from .sampling import predict_blocks
+    from .sampling import predict_blocks, tile_core
 
     mean_paths, unc_path = paths
     stack = inp.stack_axis is not None
@@ -309,7 +309,7 @@ def _predict_zarr(sampler, inp: ZarrInput, norm, names: list[str], paths, meta: 
     n, (h, w) = len(inp.planes), inp.planes[0].shape
     lead_shape = (n,) if stack else ()
     m = sampler.vae.multiple
-    core = max(m, (int(tile) // m) * m)  # the tile's kept centre: one output chunk per tile, each written once
+    core = tile_core(tile, m)  # one output chunk per tile's kept centre, each written once
     targets = {**{f"mean{c}": p for c, p in enumerate(mean_paths)}, "std": unc_path}
     shapes = {**{f"mean{c}": (*lead_shape, h, w) for c in range(2)}, "std": (*lead_shape, 2, h, w)}
     axes = {**{f"mean{c}": [*lead, "y", "x"] for c in range(2)}, "std": [*lead, "c", "y", "x"]}

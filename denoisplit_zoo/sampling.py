@@ -215,9 +215,15 @@ def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(j >= n, period - j, j)
 
 
+def tile_core(tile: int, m: int) -> int:
+    """The centre kept from each tile: `tile` rounded down to a multiple of m (the network's 2**n_levels), >= m."""
+    return max(m, (int(tile) // m) * m)
+
+
 def _tile_layout(length: int, tile: int, m: int) -> tuple[int, int]:
-    """(core, count): the centre kept from each tile (a multiple of m, at most `tile`) and the number of tiles."""
-    core = max(m, (int(tile) // m) * m)
+    """(core, count): the centre kept from each tile (tile_core, at most the image rounded up to the grid) and the
+    number of tiles."""
+    core = tile_core(tile, m)
     core = min(core, -(-length // m) * m)  # a small image is one tile, rounded up to the grid
     return core, -(-length // core)
 
