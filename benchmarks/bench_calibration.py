@@ -21,6 +21,7 @@ Target (issue 13): shipped / clean within 0.8-1.25, or `reliable` false with the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -44,6 +45,13 @@ def describe(run_dir: Path) -> dict:
     method = cfg.train.loss if cfg.train.kl_formulation in (None, cfg.train.loss) else \
         f"{cfg.train.loss} + {cfg.train.kl_formulation} KL"
     return {"data": Path(cfg.data.path).name, "channels": list(cfg.data.channels), "noise": kind, "method": method}
+
+
+def trained_steps(run_dir: Path):
+    """The last step in the run's training log (None without one)."""
+    log = run_dir / "log.jsonl"
+    steps = [json.loads(ln).get("step") for ln in log.read_text().splitlines() if ln.strip()] if log.is_file() else []
+    return max((v for v in steps if isinstance(v, int)), default=None)
 
 
 def main():
@@ -70,19 +78,28 @@ def main():
     for run_dir in args.runs:
         info = describe(run_dir)
         run = load_run(run_dir)
+        sha = hashlib.sha256((run_dir / "checkpoints" / "best.pt").read_bytes()).hexdigest()
+        steps = trained_steps(run_dir)
         counts = sorted(int(p.stem.rsplit("_p", 1)[1]) for p in (out / "results").glob(f"{run_dir.name}_p*.json")) \
             if args.assemble else args.probes
         for probes in counts:
             cache = out / "results" / f"{run_dir.name}_p{probes}.json"
-            if cache.is_file():
-                res = json.loads(cache.read_text())
+            res = json.loads(cache.read_text()) if cache.is_file() else None
+            # a run continued after it was measured (e.g. 1,000 -> 3,000 steps by --resume) is measured again;
+            # results cached before checkpoints were recorded count as current only when assembling
+            stale = res is not None and res.get("checkpoint_sha256", sha if args.assemble else None) != sha
+            if res is not None and not stale:
                 print(f"{run_dir.name} probes {probes}: cached", flush=True)
+            elif args.assemble:
+                print(f"{run_dir.name} probes {probes}: cached result is of another checkpoint; skipped", flush=True)
+                continue
             else:
                 t0 = time.time()
                 res, _ = fit_calibration(run, without_clean=True, n_samples=args.samples,
                                          max_images=args.max_images, progress=False, device=args.device,
                                          probes=probes)
                 res["seconds"] = time.time() - t0
+                res["checkpoint_sha256"], res["steps"] = sha, steps
                 C.write_json(str(cache), res)
                 print(f"{run_dir.name} probes {probes}: {res['seconds']:.0f} s", flush=True)
             for name, c in res["channels"].items():
@@ -98,7 +115,8 @@ def main():
                 shipped, method = shipped_scale(c["optimal_scale"], c, noisy=True)
                 slope_shipped = None if chk["shipped_slope_vs_clean"] is None else \
                     chk["shipped_slope_vs_clean"] * c["scale"] / shipped
-                rows.append({"run": run_dir.name, **info, "channel": name, "probes": probes,
+                rows.append({"run": run_dir.name, **info, "steps": res.get("steps", steps), "channel": name,
+                             "probes": probes,
                              "clean": chk["scale"], "estimate": c["optimal_scale"],
                              "interval": f"{lo:.3g}–{hi:.3g}", "reliable": c["reliable"], "shipped": shipped,
                              "shipped_how": method, "est_over_clean": chk["estimate_over_clean"],
@@ -110,7 +128,8 @@ def main():
                              "samples": res["n_samples"],
                              "in_target": bool(0.8 <= shipped / chk["scale"] <= 1.25)})
     table = C.markdown_table(rows, [
-        ("run", "run", 0), ("data", "data", 0), ("noise", "noise", 0), ("method", "method", 0), ("channel", "channel", 0),
+        ("run", "run", 0), ("data", "data", 0), ("noise", "noise", 0), ("method", "method", 0), ("steps", "steps", 0),
+        ("channel", "channel", 0),
         ("probes", "probes", 0), ("clean", "clean", 3), ("estimate", "estimate", 3), ("95 % interval", "interval", 0),
         ("reliable", "reliable", 0), ("shipped", "shipped", 3), ("est / clean", "est_over_clean", 3),
         ("shipped / clean", "shipped_over_clean", 3), ("MLE / clean", "mle_over_clean", 3),

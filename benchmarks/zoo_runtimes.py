@@ -2,13 +2,22 @@
 the package registries; nothing of this project is installed there), runs `bioimageio test` for each weight format
 in it, and writes the table to docs/zoo_runtimes.md.
 
-    python benchmarks/zoo_runtimes.py MODEL.zip [--runtimes core-0.10.4 dev] [--venvs /tmp/zoo_venvs]
+    python benchmarks/zoo_runtimes.py MODEL.zip [--runtimes zoo-remote core-0.10.4 torch-2.0.1 dev] [--venvs /tmp/zoo_venvs]
 
 Runtimes (name: pip requirements):
-    core-0.10.4   the bioimage.io website's remote test runtime as far as its versions are public (bioimageio.core
-                  0.10.4 -> spec 0.5.10.x, onnxruntime 1.20.1); torch: TORCH below, not 2.5.1, whose Linux wheels
-                  from PyPI are CUDA builds of ~800 MB (say which torch was used: the table does)
+    zoo-remote    the bioimage.io website's remote test runtime as far as its versions are public: bioimageio.core
+                  0.10.4 (-> spec 0.5.10.x), torch 2.5.1, onnxruntime 1.20.1. PyPI's torch 2.5.1 is a CUDA 12 build
+                  (~3.5 GB with its nvidia wheels); it runs on the CPU
+    core-0.10.4   the same core and onnxruntime with this project's CPU torch (TORCH below): no CUDA download
+    torch-2.0.1   the oldest consumers: torch 2.0.1 (the newest TorchScript engine of JDLL / deepImageJ, and the
+                  `pytorch_version` the package declares) with onnxruntime 1.15.1 (the oldest with Python 3.11
+                  wheels; JDLL's 1.13.1 has none) under bioimageio.core 0.10.4; numpy < 2 (torch 2.0.1 was built
+                  against numpy 1). PyPI's torch 2.0.1 is a CUDA 11.7 build (~2.6 GB with its nvidia wheels); it
+                  runs on the CPU
     dev           today's development runtime (constraints.txt: bioimageio.core 0.11.0)
+
+"passed" for a weight format means bioimageio.core's whole test: the rdf validates, the weights load, inference runs
+at the test size and at other valid sizes and batch sizes, and the outputs reproduce test_output.npy.
 
 Each venv is reused when it exists (so a venv built by hand, or the development venv, can be linked in under a
 runtime's name). The table: runtime, package versions, per weight format passed / failed and the
@@ -27,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = "torch==2.13.0"  # the CPU wheel this project pins (constraints.txt); a runtime may name its own
 RUNTIMES = {
+    "zoo-remote": ["bioimageio.core==0.10.4", "onnxruntime==1.20.1", "torch==2.5.1", "pydantic<2.14"],
     "core-0.10.4": ["bioimageio.core==0.10.4", "onnxruntime==1.20.1", TORCH, "pydantic<2.14"],
+    "torch-2.0.1": ["bioimageio.core==0.10.4", "onnxruntime==1.15.1", "torch==2.0.1", "numpy<2", "pydantic<2.14"],
     "dev": ["bioimageio.core==0.11.0", "onnxruntime", TORCH, "pydantic<2.14"],
 }
 FORMATS = ("pytorch_state_dict", "torchscript", "onnx")
@@ -82,7 +93,9 @@ def main() -> None:
     lines = ["# Where the exported package passes", "",
              f"`python benchmarks/zoo_runtimes.py {args.zip.name} --runtimes {' '.join(args.runtimes)}` — one isolated "
              "venv per runtime, `bioimageio.core.test_model` per weight format (CPU). Regenerate after changing "
-             "the package format.", "",
+             f"the package format or model.py. Measured {time.strftime('%Y-%m-%d')} on {args.zip.name}.", "",
+             "\"passed\" is bioimageio.core's whole test: the rdf validates, the weights load, inference runs at the "
+             "test size and at other valid sizes and batch sizes, and the outputs reproduce test_output.npy.", "",
              "| runtime | bioimageio.core | bioimageio.spec | torch | onnxruntime | " + " | ".join(FORMATS) + " |",
              "|---|---|---|---|---|" + "---|" * len(FORMATS)]
     for r in rows:
@@ -93,6 +106,8 @@ def main() -> None:
             cells.append(r.get("error", "-")[:80] if f is None else
                          f["status"] + (f" ({f['first_failure'][:80]})" if f["first_failure"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    doc = __doc__.split("Runtimes (name: pip requirements):\n")[1].split("\n\n")[0]
+    lines += ["", "Runtimes (pip requirements: `RUNTIMES` in the script):", "", "```", doc, "```"]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -46,7 +46,7 @@ def _cmd_export(a) -> int:
     print(f"exported {res.path} ({res.size_bytes / 1e6:.2f} MB, {res.seconds:.0f} s): K={res.n_samples}, "
           f"seed={res.seed}, latents={'sampled (counter-hash)' if res.sample_latents else 'posterior means'}, "
           f"halo={res.halo} px, "
-          f"sizes {res.min_size} + n*{res.step} px, "
+          f"sizes >= {res.min_size} px" + (f" in steps of {res.step}" if res.step > 1 else "") + ", "
           f"ONNX IR {res.onnx.get('ir_version')} opset {res.onnx.get('opset')}")
     return 0
 

@@ -24,10 +24,11 @@ from .fileio import atomic_path
 from .package.context import PackageContext
 from .package.description import build_model_descr
 from .package.layout import (ARCHITECTURE_FILE, MODEL_SOURCE, ONNX_FILE, PACKAGE_SAMPLES, PACKAGE_SEED, STATE_DICT_FILE,
-                             TEST_INPUT_FILE, TEST_OUTPUT_FILE, TORCHSCRIPT_FILE, min_input_size)
+                             INPUT_STEP, TEST_INPUT_FILE, TEST_OUTPUT_FILE, TORCHSCRIPT_FILE, min_input_size)
 from .package.recipe import Recipe, load_recipe
 from .package.writer import (architecture_kwargs, check_onnx, export_sampler, make_test_input,
-                             package_halo, predict_raw, save_onnx, save_state_dict, save_torchscript)
+                             package_halo, predict_raw, save_onnx, save_state_dict, save_torchscript,
+                             tensor_bytes_per_pixel)
 from .package.zoo import save_package
 from .package.zoo import self_test as run_self_test
 from .run_folder import load_run
@@ -40,7 +41,7 @@ class ExportResult:
     size_bytes: int
     halo: int  # pixels, output halo declared in the package
     min_size: int  # pixels, smallest valid y/x input size
-    step: int  # pixels, valid sizes are min_size + n * step
+    step: int  # pixels, valid sizes are min_size + n * step (1: every size from min_size up)
     n_samples: int
     seed: int
     sample_latents: bool  # False: posterior means (deterministic, std 0)
@@ -81,9 +82,9 @@ def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Option
     k = n_samples if n_samples is not None else (rec.n_samples or PACKAGE_SAMPLES)
     s = seed if seed is not None else (rec.seed if rec.seed is not None else PACKAGE_SEED)
     sampler = export_sampler(run, k, s, sample_latents)
-    step = 2**run.config.model.n_levels
+    step = INPUT_STEP
     halo = package_halo(run)
-    size = min_input_size(halo, step)
+    size = min_input_size(halo)
 
     with tempfile.TemporaryDirectory(prefix="denoisplit-export-") as tmp:
         work = Path(tmp) / "package"
@@ -102,7 +103,7 @@ def export_package(run_dir, out, recipe: Optional[str] = None, n_samples: Option
         ctx = PackageContext(run=run, recipe=rec, workdir=work, kwargs=architecture_kwargs(run, k, s, sample_latents),
                              halo=halo, min_size=size, step=step, test_input=raw_in, test_output=raw_out,
                              test_input_source=input_source, report_dir=report_dir or rec.evaluation,
-                             onnx=facts)
+                             onnx=facts, tensor_bytes_per_px=tensor_bytes_per_pixel(sampler))
         descr = build_model_descr(ctx)
         staged = Path(tmp) / "model.zip"
         save_package(descr, staged)

@@ -290,13 +290,22 @@ def counter_normal(shape: List[int], seed: int, stream: int, device: torch.devic
     return z[offset: offset + n].reshape(shape)
 
 
+# Posterior samples per top-down pass inside the exported graph. The K passes run in chunks of this size, so peak
+# memory grows with the chunk, not with K. One at a time is the least memory and no slower on the CPU (500 x 650
+# image, K = 16, one thread; benchmarks/bench_package_memory.py): eager PyTorch 14.4 / 4.4 / 1.5 KB per pixel in
+# 91 / 75 / 65 s for chunks of 16 / 4 / 1, onnxruntime 11.3 / 3.2 / 0.9 KB per pixel in 34 / 29 / 29 s.
+# `sampling.sample_tile` (this project's own predict) picks its chunk from a memory budget instead.
+SAMPLES_PER_PASS = 1
+
+
 class SplitSampler(nn.Module):
     """Posterior sampling inside the graph: normalised input (B, 1, Y, X) -> (B, 4, Y, X) =
     [MMSE A, MMSE B, calibrated std A, calibrated std B], all in normalised target units.
 
-    The bottom-up pass runs once; the K top-down passes run as one batch of B*K with counter-based latent noise
-    (seed, stream = level). `sample_latents=False` takes the posterior means instead (eps = 0): deterministic, std 0,
-    for halo checks.
+    The bottom-up pass runs once; the K top-down passes run SAMPLES_PER_PASS at a time with counter-based latent
+    noise (seed, stream = level; sample k always gets the same slice of the stream, so the chunking does not change
+    the numbers). `sample_latents=False` takes the posterior means instead (eps = 0): deterministic, std 0, for halo
+    checks.
     Buffers carry what a package needs to be self-describing: the calibration scales, the normalisation and the two
     GMM noise models (weights (2, 3*n_gaussians, n_coeffs), signal ranges, min_sigma; raw units). The noise models
     are not used at inference: they are the likelihood the network was trained against, kept for provenance.
@@ -310,6 +319,7 @@ class SplitSampler(nn.Module):
         self.n_samples = n_samples
         self.seed = seed
         self.sample_latents = sample_latents
+        self.samples_per_pass = SAMPLES_PER_PASS
         self.register_buffer("calibration_scale", torch.ones(2))
         self.register_buffer("input_mean", torch.zeros(1))
         self.register_buffer("input_std", torch.ones(1))
@@ -320,28 +330,41 @@ class SplitSampler(nn.Module):
         self.register_buffer("nm_max_signal", torch.ones(2))
         self.register_buffer("nm_min_sigma", torch.ones(2))
 
-    def samples(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, Y, X) normalised input -> (K, B, 2, Y, X) posterior samples, normalised target units."""
-        xp, box = self.vae.pad(x)
-        b = xp.shape[0]
-        k = self.n_samples
-        bu = [v.repeat(k, 1, 1, 1) for v in self.vae.bottom_up(xp)]  # (K*B, C, h_i, w_i), sample-major
+    def chunk(self, bu: List[torch.Tensor], box: List[int], k0: int, n: int) -> torch.Tensor:
+        """Posterior samples k0 .. k0 + n - 1 of a batch: bottom-up features `bu` of the padded input (each
+        (B, C, h_i, w_i)) and the crop `box` of LadderVAE.pad -> (n, B, 2, Y, X), normalised target units."""
+        b = bu[0].shape[0]
         eps: List[torch.Tensor] = []
         for i, v in enumerate(bu):
-            shape = [v.shape[0], self.vae.z_dim, v.shape[2], v.shape[3]]
+            shape = [n * b, self.vae.z_dim, v.shape[2], v.shape[3]]
             if self.sample_latents:
-                eps.append(counter_normal(shape, self.seed, i, x.device).to(xp.dtype))
+                # rows are sample-major (sample * B + image): this chunk's slice of the stream all K would use
+                start = k0 * b * self.vae.z_dim * v.shape[2] * v.shape[3]
+                eps.append(counter_normal(shape, self.seed, i, v.device, start).to(v.dtype))
             else:
-                eps.append(torch.zeros(shape, dtype=xp.dtype, device=xp.device))
-        out, _ = self.vae.top_down(bu, eps, False)
+                eps.append(torch.zeros(shape, dtype=v.dtype, device=v.device))
+        out, _ = self.vae.top_down([v.repeat(n, 1, 1, 1) for v in bu], eps, False)
         out = self.vae.crop(out[:, :2], box)
-        return out.reshape(k, b, 2, out.shape[-2], out.shape[-1])
+        return out.reshape(n, b, 2, out.shape[-2], out.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.samples(x)
-        mean = s.mean(0)
-        if self.n_samples > 1:
-            std = s.std(0, unbiased=True)
+        xp, box = self.vae.pad(x)
+        bu = self.vae.bottom_up(xp)
+        k = self.n_samples
+        c = min(self.samples_per_pass, k)
+        first = self.chunk(bu, box, 0, c)
+        # sums of differences from the first chunk's mean: float32 sums of squares without cancellation
+        shift = first.mean(0)
+        d = first - shift
+        s1 = d.sum(0)
+        s2 = (d * d).sum(0)
+        for k0 in range(c, k, c):
+            d = self.chunk(bu, box, k0, min(c, k - k0)) - shift
+            s1 = s1 + d.sum(0)
+            s2 = s2 + (d * d).sum(0)
+        mean = shift + s1 / k
+        if k > 1:
+            std = ((s2 - s1 * s1 / k) / (k - 1)).clamp(min=0.0).sqrt()
         else:
             std = torch.zeros_like(mean)
         std = std * self.calibration_scale.view(1, 2, 1, 1)

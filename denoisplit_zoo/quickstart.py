@@ -37,6 +37,7 @@ from .calibration import FALLBACK_SCALE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
 from .metrics import describe_split
+from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
 
@@ -81,7 +82,7 @@ TILE = 1024  # px: each held-out stripe in one tile (one halo border instead of 
 PACKAGE_WEIGHTS = "onnx"  # weights the zip's prediction uses: what deepImageJ runs; fastest of the three on a CPU
 
 # Time budget. The stages after training cost posterior samples x pixels, most of it in bioimageio.core's self-test
-# (3 weight formats x 7 inferences at the package's minimum size 2 * halo + 16 px, on the CPU). They may take at most
+# (3 weight formats x 7 inferences at the package's minimum size 2 * halo + 1 px, on the CPU). They may take at most
 # RESERVE_FRACTION of the budget; training gets the rest (at least MIN_TRAIN_SECONDS), then K is chosen to fit.
 RESERVE_FRACTION = 0.45
 MIN_TRAIN_SECONDS = 60.0
@@ -89,6 +90,10 @@ HALO_GUESS = 160  # px, before training: measured 112 untrained, 176 after 1,746
 # Overheads beyond sampling (imports, halo measurements, ONNX/TorchScript conversion, test harness, metrics,
 # figures), seconds, measured on the development machine (2 shared CPU cores)
 _FIXED_SECONDS = {"calibrate": 25.0, "evaluate": 20.0, "export": 70.0, "predict": 20.0, "report": 5.0}
+# The package graph runs its K samples one top-down pass at a time (model.SAMPLES_PER_PASS), unrolled in the ONNX
+# file: each sample adds conversion and session-set-up time to the export beyond its sampling cost. Measured on the
+# quickstart's run, K = 16, one core: export + self-test 184 s with one sample per pass, 122 s with four.
+_EXPORT_SECONDS_PER_SAMPLE = 4.0
 
 STAGES = ("data", "noise models", "training", "calibration (no clean data)", "evaluation (clean data)",
           "export + bioimageio self-test", "bioimageio.core prediction from the zip", "figure and report")
@@ -235,18 +240,21 @@ def probe_seconds_per_pixel_sample(cfg, device: str = "cpu") -> float:
     return best / (2 * 256 * 256)
 
 
-def sampling_work(halo: int, val_shape: tuple[int, int], test_shape: tuple[int, int], step: int = 16) -> dict:
+def sampling_work(halo: int, val_shape: tuple[int, int], test_shape: tuple[int, int], grid: int = 16) -> dict:
     """Pixels each later stage pushes through the network PER posterior sample: the stripes plus a `halo` px
     border each side (twice for the calibration without clean data: its input-gain probe predicts again); the
     export's test output and bioimageio.core's test (per weight format: the test input, then batch 1 and 2 at the
-    minimum size + 0, 1, 2 steps) at the minimum size 2 * halo + step."""
+    minimum size + 0, 1, 2 steps), each padded by the graph to its 2**n_levels `grid`."""
     def padded(shape):
         return (shape[0] + 2 * halo) * (shape[1] + 2 * halo)
 
-    m = 2 * halo + step
-    per_format = m * m + 3 * sum((m + n * step) ** 2 for n in range(3))
-    return {"calibrate": 2 * padded(val_shape), "evaluate": padded(test_shape), "export": m * m + 3 * per_format,
-            "predict": padded(test_shape)}
+    def on_grid(n):
+        return -(-n // grid) * grid
+
+    m = min_input_size(halo)
+    per_format = on_grid(m) ** 2 + 3 * sum(on_grid(m + n * INPUT_STEP) ** 2 for n in range(3))
+    return {"calibrate": 2 * padded(val_shape), "evaluate": padded(test_shape),
+            "export": on_grid(m) ** 2 + 3 * per_format, "predict": padded(test_shape)}
 
 
 def estimate_seconds(samples: dict, work: dict, per_px: float, per_px_cpu: float) -> dict:
@@ -255,6 +263,8 @@ def estimate_seconds(samples: dict, work: dict, per_px: float, per_px_cpu: float
     k = {**samples, "predict": samples["export"]}
     speed = {"calibrate": per_px, "evaluate": per_px, "export": per_px_cpu, "predict": per_px_cpu}
     est = {s: _FIXED_SECONDS[s] + work[s] * k[s] * speed[s] for s in work}
+    if "export" in est:
+        est["export"] += _EXPORT_SECONDS_PER_SAMPLE * k["export"]
     return {**est, "report": _FIXED_SECONDS["report"]}
 
 
@@ -271,8 +281,7 @@ def choose_samples(seconds: float, work: dict, per_px: float, per_px_cpu: float)
 # ---------------------------------------------------------------------------------------- bioimageio prediction
 def predict_with_package(zip_path: Path, image_raw: np.ndarray, weight_format: str = PACKAGE_WEIGHTS) -> np.ndarray:
     """The held-out image (Y, X) raw counts through bioimageio.core from the zip -> (4, Y, X) raw: actin mean,
-    mito mean, actin std, mito std. Named dims let bioimageio.core pad any size to a valid one (and crop back);
-    a plain numpy array would have to be a valid size already."""
+    mito mean, actin std, mito std (the package takes any size from 2 * halo + 1 up)."""
     from .package.zoo import offline_cache, require_bioimageio
 
     require_bioimageio()
@@ -280,7 +289,6 @@ def predict_with_package(zip_path: Path, image_raw: np.ndarray, weight_format: s
     from bioimageio.core import create_prediction_pipeline, load_model_description, predict
     from bioimageio.spec.model.v0_5 import TensorId
 
-    from .package.layout import INPUT_NAME, OUTPUT_NAME
 
     x = xr.DataArray(np.asarray(image_raw, np.float32)[None, None], dims=("batch", "channel", "y", "x"))
     with offline_cache():

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .allocator import heap_allocations
 from .config import DEFAULT_TILE
 from .errors import UserError
-from .model import LadderVAE, SplitSampler, counter_normal
+from .model import LadderVAE, SplitSampler
 
 # --------------------------------------------------------------------------------------------------------- the halo
 
@@ -146,7 +146,6 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
     vae = sampler.vae
     k = int(sampler.n_samples)
     xp, box = vae.pad(x_norm)
-    b = xp.shape[0]
     chunk = int(chunk) if chunk else auto_chunk(sampler, xp.shape[-2], xp.shape[-1])
     chunk = max(1, min(chunk, k))
     bu = vae.bottom_up(xp)
@@ -154,18 +153,7 @@ def sample_tile(sampler: SplitSampler, x_norm: torch.Tensor, chunk: Optional[int
     kept = []
     for k0 in range(0, k, chunk):
         n = min(chunk, k - k0)
-        bu_c = [v.repeat(n, 1, 1, 1) for v in bu]  # sample-major like SplitSampler: row = sample * B + image
-        eps = []
-        for i, v in enumerate(bu):
-            inner = vae.z_dim * v.shape[2] * v.shape[3]
-            if sampler.sample_latents:
-                # this chunk's slice of the noise the whole batch of K would get: chunking is invisible
-                shape = [n * b, vae.z_dim, v.shape[2], v.shape[3]]
-                eps.append(counter_normal(shape, sampler.seed, i, xp.device, start=k0 * b * inner).to(xp.dtype))
-            else:
-                eps.append(torch.zeros(n * b, vae.z_dim, v.shape[2], v.shape[3], dtype=xp.dtype, device=xp.device))
-        out, _ = vae.top_down(bu_c, eps, False)
-        s = LadderVAE.crop(out[:, :2], box).reshape(n, b, 2, box[2], box[3])  # static: also works on a scripted vae
+        s = sampler.chunk(bu, box, k0, n)  # the slice of the latent noise all K would get: chunking is invisible
         if return_samples:
             kept.append(s)
         sd = s.double()

@@ -72,6 +72,19 @@ def test_rdf_is_written_in_the_format_the_zoo_remote_runtime_reads(rdf):
     assert rdf["covers"] == ["cover.png"] and rdf["documentation"] == "README.md"
 
 
+def test_rdf_declares_the_oldest_verified_torch_and_every_size_from_the_minimum(rdf):
+    """A runner that builds its environment from the rdf gets the oldest torch the weights were verified on (not the
+    exporter's), and bioimageio.core accepts every image size from 2 * halo + 1 up (step 1)."""
+    from denoisplit_zoo.package.layout import VERIFIED_TORCH
+
+    assert rdf["weights"]["pytorch_state_dict"]["pytorch_version"] == VERIFIED_TORCH == "2.0.1"
+    assert rdf["weights"]["torchscript"]["pytorch_version"] == VERIFIED_TORCH
+    assert rdf["config"]["denoisplit"]["exported_with_torch"] == torch.__version__
+    halo = rdf["outputs"][0]["axes"][2]["halo"]
+    for ax in rdf["inputs"][0]["axes"][2:]:
+        assert ax["size"] == {"min": 2 * halo + 1, "step": 1}
+
+
 def test_zip_layout_and_metadata(pkg, rdf):
     with zipfile.ZipFile(pkg["zip"]) as zf:
         names = set(zf.namelist())
@@ -113,7 +126,7 @@ def test_one_input_one_output_and_deepimagej_ops(rdf):
     y_in = next(a for a in inp["axes"] if a.get("id") == "y")
     y_out = next(a for a in out["axes"] if a.get("id") == "y")
     step, halo = y_in["size"]["step"], y_out["halo"]
-    assert step == 8 and halo % step == 0 and y_in["size"]["min"] - 2 * halo >= 1
+    assert step == 1 and halo % 8 == 0 and y_in["size"]["min"] - 2 * halo == 1  # tiny preset: 2**3 grid
 
 
 def test_onnx_ir_opset_and_single_io(pkg):
@@ -193,7 +206,8 @@ def test_load_package_sampler_refuses_unsafe_or_tampered_zips(pkg, tmp_path):
 def test_bioimageio_predict_cli_writes_four_channels(pkg, rdf, tmp_path):
     import tifffile
     size = next(a for a in rdf["inputs"][0]["axes"] if a.get("id") == "y")["size"]
-    shape = (size["min"] + size["step"], size["min"] + 2 * size["step"])  # the CLI needs a valid size: min + n*step
+    assert size["step"] == 1
+    shape = (size["min"] + 3, size["min"] + 22)  # any size from the minimum up (the graph pads to its grid)
     raw = np.random.default_rng(1).uniform(20, 200, shape).astype(np.float32)
     tifffile.imwrite(tmp_path / "x.tif", raw)
     proc = subprocess.run([sys.executable, "-m", "bioimageio.core", "predict", str(pkg["zip"]), "--inputs", "x.tif"],
@@ -243,21 +257,42 @@ def test_reader_accepts_the_architecture_keys_of_earlier_versions(pkg, tmp_path)
     assert "noise" not in meta["architecture"]
 
 
+def test_reader_ignores_source_and_sha256_inside_config(pkg, tmp_path):
+    """A fine-tuned run's provenance ({source: <bundled model name>, sha256: <its checkpoint>}) sits in
+    config.denoisplit.training; it is not a file of the package. Every quickstart package had one, and the reader
+    refused them all ("package lacks w2s_mito_actin_small, which rdf.yaml lists")."""
+    rdf = yaml.safe_load(_member(pkg, "rdf.yaml"))
+    rdf["config"]["denoisplit"].setdefault("training", {})["init_from"] = {
+        "source": "w2s_mito_actin_small", "kind": "bundled", "sha256": "0" * 64}
+    tuned = _rewrite_zip(pkg["zip"], tmp_path / "tuned.zip", {"rdf.yaml": yaml.safe_dump(rdf, sort_keys=False).encode()})
+    sampler, *_ = reader.load_package_sampler(tuned)
+    assert sampler.n_samples == K
+    rdf["attachments"] = [{"source": "missing.md", "sha256": "0" * 64}]  # files outside config: still checked
+    bad = _rewrite_zip(pkg["zip"], tmp_path / "bad.zip", {"rdf.yaml": yaml.safe_dump(rdf, sort_keys=False).encode()})
+    with pytest.raises(UserError, match="lacks missing.md"):
+        reader.load_package_sampler(bad)
+
+
 def test_blockwise_equals_whole_image_for_noise_off_export(pkg, tmp_path):
     """The declared halo is enough: tiled prediction by bioimageio.core equals whole-image prediction when the
-    sampling noise is off (with noise, each tile draws its own noise). Valid sizes only (min + n*step): other sizes
-    are padded by core in a way that shifts the network's stride-2 grid, which changes any such network's output."""
+    sampling noise is off (with noise, each tile draws its own noise), for blocks on the network's 2**n_levels grid:
+    block and image sizes multiples of it (core steps blocks by block - 2 * halo, and the halo is a multiple too). A
+    block off the grid computes on a shifted grid (docs/package_sizes.md measures by how much)."""
     import xarray as xr
     from bioimageio.core import load_model_description, predict
 
     with one_thread():
         res = ex.export_package(pkg["run"], tmp_path / "off.zip", n_samples=1, sample_latents=False, self_test=False)
         descr = load_model_description(str(res.path))
-        size = (res.min_size + 10 * res.step, res.min_size + 14 * res.step)
+        g = 2 ** load_run(pkg["run"]).config.model.n_levels
+        assert res.halo % g == 0 and res.step == 1
+        block = 2 * res.halo + 2 * g
+        size = (2 * res.halo + 4 * g, 2 * res.halo + 6 * g)
         img = np.random.default_rng(3).uniform(20, 200, (1, 1, *size)).astype(np.float32)
         x = xr.DataArray(img, dims=("batch", "channel", "y", "x"))
         whole = predict(model=descr, inputs={"input": x}).members["prediction"].data.values
-        tiled = predict(model=descr, inputs={"input": x}, blocksize_parameter=0).members["prediction"].data.values
+        tiled = predict(model=descr, inputs={"input": x},
+                        blocksize_parameter=block - res.min_size).members["prediction"].data.values
     assert whole.shape == tiled.shape == (1, 4, *size)
     assert np.abs(whole - tiled).max() <= 1e-4 * np.abs(whole).max()
 

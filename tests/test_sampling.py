@@ -67,6 +67,39 @@ def test_chunked_sampling_equals_sampler_and_naive_loop():
         torch.testing.assert_close(s2, std, atol=1e-5, rtol=1e-5)
 
 
+def test_in_graph_passes_do_not_change_the_numbers():
+    """SplitSampler runs its K top-down passes `samples_per_pass` at a time (peak memory grows with the chunk, not
+    with K): any chunk size, eager or scripted, gives the numbers of one pass over all K."""
+    k = 5
+    s = _tiny_sampler(k)
+    x = torch.randn(2, 1, 19, 26, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        s.samples_per_pass = k
+        whole = s(x)
+        for spp in (1, 2, 3, 4, 8):
+            s.samples_per_pass = spp
+            torch.testing.assert_close(s(x), whole, atol=1e-5, rtol=1e-5)
+        scripted = torch.jit.script(s)
+        torch.testing.assert_close(scripted(x), whole, atol=1e-5, rtol=1e-5)
+    assert float(whole[:, 2:].mean()) > 0
+
+
+def test_tensor_memory_grows_with_the_samples_per_pass_not_with_k():
+    """export's memory figure for the model card: one sample per pass holds far less than all K at once, and
+    K itself does not change it (the probe runs two passes); the sampler is left as it was."""
+    from denoisplit_zoo.package.writer import tensor_bytes_per_pixel
+
+    s = _tiny_sampler(8)
+    s.samples_per_pass = 1
+    one = tensor_bytes_per_pixel(s, size=64)
+    s.n_samples = 32
+    assert tensor_bytes_per_pixel(s, size=64) == pytest.approx(one, rel=0.05)
+    s.n_samples, s.samples_per_pass = 8, 8
+    batch = tensor_bytes_per_pixel(s, size=64)
+    assert s.n_samples == 8 and s.samples_per_pass == 8
+    assert 0 < one and batch > 2.5 * one
+
+
 def test_cpu_channels_last_same_numbers_then_restored():
     """predict_image's NHWC fast path: the same samples as the contiguous network, the caller's format kept."""
     s = _tiny_sampler(4)

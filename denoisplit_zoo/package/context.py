@@ -62,6 +62,7 @@ class PackageContext:
     test_input_source: str
     report_dir: Optional[str] = None
     onnx: dict = field(default_factory=dict)
+    tensor_bytes_per_px: Optional[float] = None  # peak tensor memory of the module per input pixel (writer.py)
 
     @property
     def channel_names(self) -> list[str]:

@@ -2,8 +2,9 @@
 it is built), with config.denoisplit holding what our reader needs (architecture, normalisation, calibration, noise
 models, training). Writes the README, cover, sample tensors and attachments into the package folder first.
 
-Contract (docs/contracts.md, package/layout.py): one input `input` (b, c=1, y, x; ParameterizedSize(min,
-step=2**n_levels)), one output `prediction` (b, c=4: <A>_mean, <B>_mean, <A>_std, <B>_std; SpaceOutputAxisWithHalo).
+Contract (docs/contracts.md, package/layout.py): one input `input` (b, c=1, y, x; ParameterizedSize(min =
+2*halo + 1, step = 1): every size from the minimum up), one output `prediction` (b, c=4: <A>_mean, <B>_mean,
+<A>_std, <B>_std; SpaceOutputAxisWithHalo).
 Single input AND single output so ilastik accepts it; processing only with ops deepImageJ implements
 (fixed_zero_mean_unit_variance, scale_linear). No remote URLs and no `github_user` in the rdf: validation would go
 online and the self-test must run offline. bioimageio.spec is the optional `bmz` extra: imported inside
@@ -31,6 +32,8 @@ DEEPIMAGEJ_OPS = {"binarize", "clip", "ensure_dtype", "fixed_zero_mean_unit_vari
 
 def denoisplit_config(ctx: PackageContext) -> dict:
     """config.denoisplit: everything load_package_sampler and a reader need, in plain JSON types."""
+    import torch
+
     run = ctx.run
     return {
         "architecture": dict(ctx.kwargs),
@@ -48,6 +51,9 @@ def denoisplit_config(ctx: PackageContext) -> dict:
         "halo": ctx.halo,
         "min_size": ctx.min_size,
         "step": ctx.step,
+        # the weights declare pytorch_version = layout.VERIFIED_TORCH (the oldest verified); this is the exporter's
+        "exported_with_torch": torch.__version__,
+        "tensor_bytes_per_pixel": None if ctx.tensor_bytes_per_px is None else round(ctx.tensor_bytes_per_px, 1),
         "test_input": ctx.test_input_source,
     }
 
@@ -68,7 +74,6 @@ def _metadata(ctx: PackageContext) -> dict:
 def build_model_descr(ctx: PackageContext):
     """Write README.md, cover.png (+ attachments) into ctx.workdir and return the validated v0_5 ModelDescr."""
     require_bioimageio()
-    import torch
     from bioimageio.spec.model.v0_5 import (
         ArchitectureFromFileDescr, Author, AxisId, BatchAxis, BioimageioConfig, ChannelAxis, CiteEntry, Config,
         FileDescr, FixedZeroMeanUnitVarianceDescr, FixedZeroMeanUnitVarianceKwargs, InputTensorDescr,
@@ -102,7 +107,7 @@ def build_model_descr(ctx: PackageContext):
 
     norm = ctx.run.norm
     gain, offset = L.postprocessing_gain_offset(norm)
-    torch_version = Version(torch.__version__.split("+")[0])
+    torch_version = Version(L.VERIFIED_TORCH)
     yx = [AxisId("y"), AxisId("x")]
     inp = InputTensorDescr(
         id=TensorId(L.INPUT_NAME),

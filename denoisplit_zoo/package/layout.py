@@ -25,6 +25,12 @@ MODEL_SOURCE = Path(__file__).resolve().parent.parent / "model.py"
 ONNX_OPSET = 17  # legacy exporter: opset 17 -> IR 8, the newest onnxruntime-java 1.12/1.13 (deepImageJ) loads
 MAX_ONNX_IR = 8
 
+# The `pytorch_version` the weights entries declare: the oldest torch the package's TorchScript and state-dict weights
+# are verified on (`python benchmarks/zoo_runtimes.py ZIP`, runtime torch-2.0.1: bioimageio.core's test passes;
+# docs/zoo_runtimes.md), not the exporting one: a runner that builds its environment from the rdf would otherwise
+# pin today's torch. 2.0.1 is also the newest TorchScript engine of JDLL (deepImageJ). Re-verify when model.py changes.
+VERIFIED_TORCH = "2.0.1"
+
 # The exported module's posterior samples and seed when the recipe / CLI do not say (K = 16: the CPU cost of a
 # zoo-side prediction stays in seconds; evaluation uses the paper's 50, config.DEFAULT_SAMPLES).
 PACKAGE_SAMPLES = 16
@@ -55,6 +61,25 @@ def postprocessing_gain_offset(norm) -> tuple[list[float], list[float]]:
     return [sa, sb, sa, sb], [ma, mb, 0.0, 0.0]
 
 
-def min_input_size(halo: int, step: int) -> int:
-    """Smallest valid y/x size: bioimage.io requires min - 2*halo >= 1; sizes must be multiples of `step`."""
-    return 2 * halo + step
+# Valid input sizes along y and x: every size from the minimum up (step 1). The graph pads to its 2**n_levels grid
+# itself; a block that bioimageio.core places off that grid (the last block along a side that is not a multiple of
+# 2**n_levels) computes on a shifted grid, which changes the posterior mean by less than re-sampling does (measured
+# in docs/package_sizes.md), so no size is refused for it.
+INPUT_STEP = 1
+
+
+# The block the model card recommends for `bioimageio predict --blockwise N`: 2 * halo + BLOCK_CORE pixels, i.e.
+# N = BLOCK_CORE - 1 (block = min + N). BLOCK_CORE is a multiple of every grid (2**n_levels <= 256), so each block
+# starts on the network's grid; 512 keeps the overlap cost of an 80-px halo at (672 / 512)**2 = 1.7x.
+BLOCK_CORE = 512
+
+
+def blockwise_parameter() -> int:
+    """The `--blockwise N` of bioimageio predict whose blocks are 2 * halo + BLOCK_CORE pixels (min + N)."""
+    return BLOCK_CORE - 1
+
+
+def min_input_size(halo: int) -> int:
+    """Smallest valid y/x size (pixels): bioimage.io requires min - 2*halo >= 1 (one pixel of output outside the
+    halo); smaller images run in the graph too (it pads them), but the spec's halo rule forbids declaring them."""
+    return 2 * halo + 1

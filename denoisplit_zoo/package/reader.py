@@ -76,7 +76,9 @@ def _listed_files(node, found: dict) -> dict:
 def _check_listed_files(zf: zipfile.ZipFile, rdf: dict, zip_path, skip: str, limit: int) -> None:
     """Every file rdf.yaml lists with a sha256 must be in the zip and match it (an edited model.py, TorchScript or
     ONNX file, test tensor ... means a tampered or corrupt package). `limit`: the largest member read, in bytes."""
-    for source, sha in _listed_files(rdf, {}).items():
+    # config is this tool's own metadata, not a list of package files: a fine-tuned run's provenance holds
+    # {source: <the model it started from>, sha256: <that checkpoint>}, which no package contains
+    for source, sha in _listed_files({k: v for k, v in rdf.items() if k != "config"}, {}).items():
         if source == skip:
             continue
         if not _safe_member(source):

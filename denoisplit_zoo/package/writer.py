@@ -12,7 +12,11 @@ the three weight formats compute the same numbers:
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -49,9 +53,54 @@ def export_sampler(run, n_samples: int = PACKAGE_SAMPLES, seed: int = PACKAGE_SE
 
 def package_halo(run) -> int:
     """Output halo (pixels) declared in the package: the run's measured effective receptive field (Run.halo)
-    rounded up to a multiple of 2**n_levels, so blocks stay aligned with the network's down-sampling grid."""
+    rounded up to a multiple of 2**n_levels, so blocks whose size is a multiple of 2**n_levels start on the network's
+    down-sampling grid (bioimageio.core steps blocks by block size - 2 * halo)."""
     step = 2**run.config.model.n_levels
     return -(-int(run.halo) // step) * step
+
+
+# Side of the input on which export measures the module's tensor memory: a multiple of every grid (2**n_levels <= 256).
+MEMORY_PROBE_SIZE = 256
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block. Why: the profiler's C++ side (kineto, torch 2.13) writes two
+    "USDT ... profiler_start / profiler_stop" lines to fd 2 on every use, past Python's sys.stderr, and no setting
+    turns them off; `export`'s output should not carry them. Python exceptions still propagate normally."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def tensor_bytes_per_pixel(sampler: SplitSampler, size: int = MEMORY_PROBE_SIZE) -> float:
+    """Peak bytes of tensors per input pixel of one eager forward pass (what the state-dict and TorchScript weights
+    hold at most), from torch.profiler's allocation records on a (1, 1, size, size) input. The K samples run
+    `samples_per_pass` at a time, so two passes show the peak of any K (one pass, plus the running sums); measured
+    this way 0.92 KB / px for the quickstart's `small` package, and 13.4 with all 16 samples in one pass (the
+    process's peak RSS in benchmarks/bench_package_memory.py: 1.6 and 14.0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    k = sampler.n_samples
+    sampler.n_samples = min(k, 2 * sampler.samples_per_pass)
+    x = torch.zeros(1, 1, size, size)
+    try:
+        with _native_stderr_silenced(), torch.no_grad(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            sampler(x)
+    finally:
+        sampler.n_samples = k
+    now = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        now += e.self_cpu_memory_usage  # allocations and frees (negative) in the op that made them
+        peak = max(peak, now)
+    return peak / float(size * size)
 
 
 # ------------------------------------------------------------------------------------------------------ weights
