@@ -14,6 +14,7 @@ All as the RMS difference over the crop's interior (the halo away from its borde
 prediction there, per channel.
 
     python benchmarks/bench_grid_shift.py weights/w2s_mito_actin_small --json benchmarks/results/grid_shift_cpu.json
+    python benchmarks/bench_grid_shift.py weights/w2s_mito_actin_small --quick   # smoke run: 288-px crop, K = 2
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def main():
     ap.add_argument("--samples", type=int, nargs="+", default=[5, 16])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --crop 288 --samples 2")
     args = ap.parse_args()
+    if args.quick:
+        args.crop, args.samples = 288, [2]
     C.set_threads(args.threads)
     run = load_run(args.run)
     cfg = run.config.data.model_copy(update={"path": resolve_data_path(run, None)})

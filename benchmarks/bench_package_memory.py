@@ -13,7 +13,7 @@ Two questions, each configuration in a fresh worker process (its peak RSS, VmHWM
    (onnx, largest size), on float32 TIFFs, one CPU thread; the peak RSS of the `bioimageio` process.
 
     python benchmarks/bench_package_memory.py ZIP --json benchmarks/results/package_memory_cpu.json
-    python benchmarks/bench_package_memory.py ZIP --sizes 200x300 --graph-size 200x300 --blockwise   # smoke run
+    python benchmarks/bench_package_memory.py ZIP --quick   # smoke run: 200 x 300 and 100 x 100, no blocks
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-graph", action="store_true", help="only the bioimageio predict rows")
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --sizes 200x300 --graph-size 100x100, no blocks")
     C.add_worker_option(ap)
     ap.add_argument("--cli-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -123,6 +124,10 @@ def main():
     if args.cli_worker:
         print(json.dumps(cli_worker(json.loads(args.cli_worker))), flush=True)
         return
+    if args.zip is None:
+        ap.error("name the package zip")
+    if args.quick:
+        args.sizes, args.graph_size, args.blockwise = ["200x300"], "100x100", []
     import tifffile
 
     from denoisplit_zoo.package.reader import load_package_sampler
