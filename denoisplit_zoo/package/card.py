@@ -190,12 +190,12 @@ def _references(cite: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _memory_text(ctx: PackageContext) -> str:
-    """The model card's memory sentence from export's measurement (tensor bytes per input pixel)."""
+def _memory_text(ctx: PackageContext, block: int) -> str:
+    """The model card's memory sentence from export's measurement (tensor bytes per input pixel); `block`: the side
+    of the recommended blocks, pixels."""
     b = ctx.tensor_bytes_per_px
     if not b:
         return "Its tensor memory was not measured at export."
-    block = ctx.min_size + L.blockwise_parameter()
     return (f"Measured at export (torch.profiler, eager PyTorch): at most {b / 1024:.2f} KB of tensors per input "
             f"pixel whatever K, i.e. {b * 1e6 / 2**20:.0f} MB per megapixel and {b * block * block / 2**20:.0f} MB "
             "per block below. The runtime's libraries and allocator add to that: for the quickstart's `small` "
@@ -207,6 +207,7 @@ def render_model_card(ctx: PackageContext, meta: dict, figure: Optional[str], me
     """README.md from rdf_templates/model_card.md (string.Template: missing keys are an error, not blank text)."""
 
     gain, offset = L.postprocessing_gain_offset(ctx.run.norm)
+    block = ctx.min_size + L.BLOCKWISE_N
     values = {**template_values(ctx), "name": meta["name"], "description": meta["description"],
               "seed": ctx.kwargs["seed"],
               "noise": latent_noise(ctx),
@@ -214,8 +215,8 @@ def render_model_card(ctx: PackageContext, meta: dict, figure: Optional[str], me
               "gain": [round(g, 6) for g in gain], "offset": [round(o, 6) for o in offset],
               "min_size": ctx.min_size, "halo": ctx.halo, "grid": 2 ** int(ctx.kwargs["n_levels"]),
               "per_pass": min(SAMPLES_PER_PASS, int(ctx.kwargs["n_samples"])),
-              "blockwise_n": L.blockwise_parameter(), "block": ctx.min_size + L.blockwise_parameter(),
-              "block_inner": L.BLOCK_CORE, "memory": _memory_text(ctx),
+              "blockwise_n": L.BLOCKWISE_N, "block": block, "block_inner": L.BLOCK_CORE,
+              "memory": _memory_text(ctx, block),
               "onnx_opset": ctx.onnx.get("opset", "?"), "onnx_ir": ctx.onnx.get("ir_version", "?"),
               "metrics_section": _metrics_section(ctx, metrics),
               "calibration_section": _calibration_section(ctx, metrics, figure),

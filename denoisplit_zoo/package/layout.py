@@ -72,11 +72,7 @@ INPUT_STEP = 1
 # N = BLOCK_CORE - 1 (block = min + N). BLOCK_CORE is a multiple of every grid (2**n_levels <= 256), so each block
 # starts on the network's grid; 512 keeps the overlap cost of an 80-px halo at (672 / 512)**2 = 1.7x.
 BLOCK_CORE = 512
-
-
-def blockwise_parameter() -> int:
-    """The `--blockwise N` of bioimageio predict whose blocks are 2 * halo + BLOCK_CORE pixels (min + N)."""
-    return BLOCK_CORE - 1
+BLOCKWISE_N = BLOCK_CORE - 1  # min_input_size(halo) + BLOCKWISE_N = 2 * halo + BLOCK_CORE
 
 
 def min_input_size(halo: int) -> int:
