@@ -265,7 +265,8 @@ def main():
         r["ri_psnr_A"], r["ri_psnr_B"] = list(r["ri_psnr"].values())
         same = {x["method"]: x for x in ok if x["setting"] == r["setting"]}
         for base in ("usplit", "altered"):
-            if r["method"] == "denoisplit" and base in same:
+            # a difference only at equal optimizer steps (a run continued further is not compared with one that was not)
+            if r["method"] == "denoisplit" and base in same and same[base].get("steps") == r.get("steps"):
                 r[f"delta_vs_{base}"] = r["ri_psnr_mean"] - same[base]["ri_psnr_mean"]
         if r["method"] not in FLOORS and "naive" in same:
             r["gain_vs_naive"] = r["ri_psnr_mean"] - same["naive"]["ri_psnr_mean"]
