@@ -21,7 +21,6 @@ Target (issue 13): shipped / clean within 0.8-1.25, or `reliable` false with the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -69,6 +68,7 @@ def main():
 
     from denoisplit_zoo.calibration import (MIN_SCALE, estimator_ratio, estimators_agree, fit_calibration,
                                             shipped_scale)
+    from denoisplit_zoo.fileio import sha256_file
     from denoisplit_zoo.run_folder import load_run
 
     threads = C.set_threads(args.threads)
@@ -78,7 +78,7 @@ def main():
     for run_dir in args.runs:
         info = describe(run_dir)
         run = load_run(run_dir)
-        sha = hashlib.sha256((run_dir / "checkpoints" / "best.pt").read_bytes()).hexdigest()
+        sha = sha256_file(run.checkpoint)
         steps = trained_steps(run_dir)
         counts = sorted(int(p.stem.rsplit("_p", 1)[1]) for p in (out / "results").glob(f"{run_dir.name}_p*.json")) \
             if args.assemble else args.probes
