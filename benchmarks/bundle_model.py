@@ -4,8 +4,8 @@
 Kept: config.yaml, normalization.json, data_split.json, noise_models/, checkpoints/best.pt (not last.pt: the
 optimizer state is not needed to fine-tune or export), halo.json, log.jsonl, calibration.json, and the evaluation
 report (REPORT_DIR: metrics.json with the floors and split gain, report.md, figures) as report/. provenance.json
-records the data, the commands, the code commit, the training summary and the test metrics. Nothing of the run is
-changed.
+records the data, the commands, the code commit, the training summary, the source it was fine-tuned from (if
+any) and the test metrics. Nothing of the run is changed.
 
     python benchmarks/bundle_model.py RUN_DIR REPORT_DIR --name w2s_mito_actin_small \
         --data-name "W2S ..." --channel-names mitochondria actin --command "..."
@@ -60,6 +60,8 @@ def main():
     split = read_json(args.run / "data_split.json")
     log = [json.loads(line) for line in (args.run / "log.jsonl").read_text().splitlines() if line.strip()]
     best = [e for e in log if e.get("best")]
+    # a run fine-tuned from another (train --init-from) keeps that source and its sha256 in its own provenance.json
+    run_prov = read_json(args.run / "provenance.json") if (args.run / "provenance.json").is_file() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     write_json(tmp / "provenance.json", {
@@ -71,6 +73,7 @@ def main():
         "training": {"steps": log[-1]["step"] if log else None, "seconds": log[-1].get("seconds") if log else None,
                      "best_val_loss": best[-1]["val_loss"] if best else None,
                      "best_step": best[-1]["step"] if best else None},
+        **({"init_from": run_prov["init_from"]} if "init_from" in run_prov else {}),
         "machine": args.machine,
         "metrics_test_split": {k: metrics.get(k) for k in (
             "ri_psnr", "ri_psnr_mean", "ms_ssim", "floors", "split_gain", "split_status", "resembles_other",

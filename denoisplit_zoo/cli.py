@@ -42,8 +42,9 @@ def _add_train(sub) -> None:
                         "folder or a package zip exported by this tool; the architecture (and, unless --preset is "
                         "given, the preset) is the source's")
     p.add_argument("--init-channels", nargs=2, type=int, choices=(0, 1), metavar=("SRC_A", "SRC_B"),
-                   help="with --init-from: which source structure starts each of this run's two (default 0 1; "
-                        "1 0 when the source was trained on the two structures in the other order)")
+                   help="with --init-from: which source structure starts each of this run's two (default: matched "
+                        "by channel name, e.g. a source's mitochondria/actin onto actin/mito data is 1 0; the "
+                        "source's order 0 1 where names do not tell)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--nproc", type=positive_int, metavar="N",
                    help="train data-parallel in N processes on this machine (torchrun's elastic agent; gloo on the "

@@ -30,7 +30,7 @@ from .fileio import (OutputSet, read_json, remove_stale_temps, torch_load, torch
 from .losses import loss_terms
 from .noise_model import GMMNoiseModel, fit_noise_model, load_noise_models
 from .normalization import Normalization
-from .pretrained import load_init_source, reorder_output_channels, require_same_architecture
+from .pretrained import channel_order, load_init_source, reorder_output_channels, require_same_architecture
 from .run_folder import RunLock, RunPaths, absolute_data_path, build_model, locate_data, record_halo
 from .runtime import pick_device
 
@@ -443,7 +443,8 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Op
 
         trainer = Trainer(cfg, prepared.norm, noise_models, device, world=world)
         if tc.init_from and (not resume or restart):
-            _init_weights(trainer.model, cfg, tc.init_from, paths.provenance if world.main else None)
+            _init_weights(trainer.model, cfg, tc.init_from, prepared.channel_names,
+                          paths.provenance if world.main else None)
         trainer.to_device()
         if restart or not resume:
             if world.rank > 0:  # other latent draws and dropout masks than rank 0's (rank 0: the seed's own)
@@ -563,20 +564,28 @@ def _append_log(log: Path, entry: dict) -> None:
         os.close(fd)
 
 
-def _init_weights(model, cfg: RunConfig, source: str, provenance: Optional[Path]) -> None:
+def _init_weights(model, cfg: RunConfig, source: str, names: Sequence[str], provenance: Optional[Path]) -> None:
     """Fine-tuning: copy the network weights of `source` (pretrained.load_init_source) into `model` and record where
     they came from (with the weights file's sha256) in the run's provenance.json (None: not written, a rank > 0).
-    Only weights: the optimizer, the noise models and the normalisation are the new run's."""
+    Only weights: the optimizer, the noise models and the normalisation are the new run's.
+
+    Which source structure starts which of this run's two (`names`, the data's channel names): train.init_channels
+    when given, else matched by name (a W2S mitochondria/actin model fine-tuned on actin/mito data starts swapped),
+    else the source's order. A mismatch here would make the fine-tuning unlearn both structures first."""
     src = load_init_source(source)
     require_same_architecture(cfg.model, cfg.train.patch_size, src)
-    order = tuple(cfg.train.init_channels or (0, 1))
+    by_name = channel_order(src.trained_on.get("channel_names"), names)
+    given = cfg.train.init_channels
+    order = tuple(given or by_name or (0, 1))
+    how = "given (train.init_channels)" if given else "by channel name" if by_name else "source order (names unknown)"
     try:
         model.load_state_dict(reorder_output_channels(src.state, order), strict=True)
     except RuntimeError as e:
         raise UserError(f"--init-from {source}: the weights do not fit the architecture "
                         f"({str(e).strip().splitlines()[0]})") from None
     if provenance is not None:
-        write_json(provenance, {"init_from": {**src.provenance(), "channel_order": list(order)}})
+        write_json(provenance, {"init_from": {**src.provenance(), "channel_order": list(order),
+                                              "channel_order_from": how, "channel_names": list(names)}})
 
 
 def _truncate_log(log: Path, step: int) -> None:

@@ -161,6 +161,40 @@ def test_swapped_structures_start_from_the_swapped_head():
         assert reorder_output_channels(src.state_dict(), (0, 1)) is not None
 
 
+def test_train_maps_the_source_structures_onto_the_data_by_name(tiny_run, tmp_path, one_thread, capsys):
+    """Without --init-channels, `train --init-from` matches structures by name: a source trained on
+    (mitochondria, actin) fine-tuned on folders actin/ and mito/ starts from the swapped output head (the quickstart's
+    W2S -> BPAE case; before, only the quickstart mapped them and `train` silently kept the source's order)."""
+    import tifffile
+
+    from denoisplit_zoo.pretrained import reorder_output_channels
+
+    from .synthetic import two_structures
+
+    src_run = tmp_path / "src"
+    shutil.copytree(tiny_run, src_run)
+    (src_run / "provenance.json").write_text(json.dumps(
+        {"data": {"channels": {"mitochondria": "W2S channel 0", "actin": "W2S channel 2"}}}))
+    pairs = two_structures(n=6, size=64, seed=3)  # (N, 2, Y, X)
+    data = tmp_path / "data"
+    for c, name in enumerate(("actin", "mito")):
+        (data / name).mkdir(parents=True)
+        for i, img in enumerate(pairs[:, c]):
+            tifffile.imwrite(data / name / f"f{i}.tif", img.astype("float32"))
+    (tmp_path / "over.yaml").write_text(OVER)
+    out = tmp_path / "ft"
+    rc = main(["train", "--data", str(data), "--init-from", str(src_run), "--gaussian", "1", "--max-steps", "1",
+               "--config", str(tmp_path / "over.yaml"), "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    prov = json.loads((out / "provenance.json").read_text())["init_from"]
+    assert prov["channel_order"] == [1, 0] and prov["channel_order_from"] == "by channel name"
+    assert prov["channel_names"] == ["actin", "mito"]
+    src = torch_load(src_run / "checkpoints" / "best.pt")["model"]
+    tuned = torch_load(out / "checkpoints" / "last.pt")["model"]
+    assert _max_weight_change(reorder_output_channels(src, (1, 0)), tuned) < 5e-3
+    assert _max_weight_change(src, tuned) > 5e-3  # the head really was swapped, not left as it was
+
+
 def test_init_channels_needs_init_from(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "x.npz"), "--init-channels", "1", "0", "--out",
                  str(tmp_path / "r")]) == 2
