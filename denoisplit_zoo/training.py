@@ -577,7 +577,8 @@ def _init_weights(model, cfg: RunConfig, source: str, names: Sequence[str], prov
     by_name = channel_order(src.trained_on.get("channel_names"), names)
     given = cfg.train.init_channels
     order = tuple(given or by_name or (0, 1))
-    how = "given (train.init_channels)" if given else "by channel name" if by_name else "source order (names unknown)"
+    how = ("given (train.init_channels)" if given else "by channel name" if by_name
+           else "source order (names do not tell)")
     try:
         model.load_state_dict(reorder_output_channels(src.state, order), strict=True)
     except RuntimeError as e:
