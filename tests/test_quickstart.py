@@ -51,6 +51,18 @@ def test_bundled_sample_is_the_documented_data():
     assert "Robert Haase" in readme and "CC-BY 4.0" in readme and "0.108" in readme
 
 
+def test_default_pretrained_model_is_bundled_and_starts_with_the_samples_structures(tmp_path):
+    """The model a `small` quickstart fine-tunes by default is in weights/, fits the `small` preset (no architecture
+    error), and its structures are matched by name onto the sample's (actin, mito) in that order."""
+    from denoisplit_zoo.pretrained import bundled_models, channel_order, load_init_source
+
+    assert qs.PRETRAINED in bundled_models()
+    cfg = qs._build_config(tmp_path / "data", "small", qs.GAUSSIAN, qs.POISSON, 0, "cpu", qs.PRETRAINED)
+    assert cfg.train.init_from == qs.PRETRAINED
+    src = load_init_source(qs.PRETRAINED)
+    assert channel_order(src.trained_on["channel_names"], qs.CHANNELS) == (0, 1)
+
+
 def test_copy_is_byte_identical(tmp_path):
     import importlib.resources
 
