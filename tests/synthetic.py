@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 
 def two_structures(n: int = 6, size: int = 96, seed: int = 0) -> np.ndarray:
@@ -30,3 +31,13 @@ def two_structures(n: int = 6, size: int = 96, seed: int = 0) -> np.ndarray:
 def write_npz(path: Path, n: int = 6, size: int = 96, seed: int = 0) -> Path:
     np.savez(path, clean=two_structures(n, size, seed))
     return path
+
+
+def write_tiff_folder(root: Path, arr: np.ndarray, names=("actin", "mito", "nuclei")) -> Path:
+    """arr (N, C, Y, X) -> root/<name>/img<i>.tif: the data reader's per-channel folder layout, names = channel
+    names."""
+    for c in range(arr.shape[1]):
+        (root / names[c]).mkdir(parents=True)
+        for i in range(arr.shape[0]):
+            tifffile.imwrite(root / names[c] / f"img{i:02d}.tif", arr[i, c])
+    return root

@@ -28,17 +28,11 @@ from denoisplit_zoo.data import (
 )
 from denoisplit_zoo.errors import UserError
 
+from .synthetic import write_tiff_folder
+
 
 def _images(shape, seed=0, dtype=np.uint16) -> np.ndarray:
     return np.random.default_rng(seed).integers(1, 1000, size=shape).astype(dtype)
-
-
-def _write_tiff_folder(root: Path, arr: np.ndarray, names=("actin", "mito", "nuclei")) -> None:
-    """arr (N, C, Y, X) -> root/<name>/img<i>.tif"""
-    for c in range(arr.shape[1]):
-        (root / names[c]).mkdir(parents=True)
-        for i in range(arr.shape[0]):
-            tifffile.imwrite(root / names[c] / f"img{i:02d}.tif", arr[i, c])
 
 
 # ------------------------------------------------------------------------------------------------------- readers
@@ -62,7 +56,7 @@ def test_npz_single_image_and_noisy_only(tmp_path):
 
 def test_tiff_folder_layout(tmp_path):
     arr = _images((3, 3, 10, 12))
-    _write_tiff_folder(tmp_path / "data", arr)
+    write_tiff_folder(tmp_path / "data", arr)
     raw = load_channels(tmp_path / "data", (0, 2))
     assert raw.channel_names == ["actin", "nuclei"] and raw.noisy is None
     np.testing.assert_array_equal(raw.clean, arr[:, [0, 2]])
@@ -119,7 +113,7 @@ def _bad_inputs(tmp: Path):
     tifffile.imwrite(tmp / "c.tif", good[:, 2])
     (tmp / "a_trunc.tif").write_bytes((tmp / "a.tif").read_bytes()[:100])
     tifffile.imwrite(tmp / "4d.tif", good[None])
-    _write_tiff_folder(tmp / "mismatch", good.astype(np.uint16))
+    write_tiff_folder(tmp / "mismatch", good.astype(np.uint16))
     (tmp / "mismatch" / "mito" / "img00.tif").rename(tmp / "mismatch" / "mito" / "other.tif")
     return [
         ("missing", tmp / "nope.npz", (0, 1), 1),

@@ -165,22 +165,15 @@ def test_train_maps_the_source_structures_onto_the_data_by_name(tiny_run, tmp_pa
     """Without --init-channels, `train --init-from` matches structures by name: a source trained on
     (mitochondria, actin) fine-tuned on folders actin/ and mito/ starts from the swapped output head (the quickstart's
     W2S -> BPAE case; before, only the quickstart mapped them and `train` silently kept the source's order)."""
-    import tifffile
-
     from denoisplit_zoo.pretrained import reorder_output_channels
 
-    from .synthetic import two_structures
+    from .synthetic import two_structures, write_tiff_folder
 
     src_run = tmp_path / "src"
     shutil.copytree(tiny_run, src_run)
     (src_run / "provenance.json").write_text(json.dumps(
         {"data": {"channels": {"mitochondria": "W2S channel 0", "actin": "W2S channel 2"}}}))
-    pairs = two_structures(n=6, size=64, seed=3)  # (N, 2, Y, X)
-    data = tmp_path / "data"
-    for c, name in enumerate(("actin", "mito")):
-        (data / name).mkdir(parents=True)
-        for i, img in enumerate(pairs[:, c]):
-            tifffile.imwrite(data / name / f"f{i}.tif", img.astype("float32"))
+    data = write_tiff_folder(tmp_path / "data", two_structures(n=6, size=64, seed=3), names=("actin", "mito"))
     (tmp_path / "over.yaml").write_text(OVER)
     out = tmp_path / "ft"
     rc = main(["train", "--data", str(data), "--init-from", str(src_run), "--gaussian", "1", "--max-steps", "1",
