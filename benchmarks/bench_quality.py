@@ -15,7 +15,9 @@ Protocol:
   channels, `no_split` = the clean sum / 2 for both channels (a perfect denoiser that does not split).
 - metrics: RI-PSNR per channel and mean, gain over naive, split gain per channel (RI-PSNR - max(floors); > 0 =
   split), verdict, r(error, input noise) (how much of the input noise the prediction carries), MS-SSIM mean,
-  calibration slope (RMSE vs RMV on the test fields with the validation-fitted scale; ideal 1).
+  calibration slope (RMSE vs RMV on the test fields with the validation-fitted scale; ideal 1), sum vs blur (the
+  two outputs added against the clean sum, minus the best Gaussian filter of the input: < 0 = a weaker denoiser
+  than a blur, metrics.denoising_check; rows evaluated before it existed show none).
 
 Resumable: every (setting, method) writes OUT/results/<setting>_<method>.json and is skipped when it exists; a run
 folder without results (interrupted) is trained again from scratch so every method gets exactly the same budget.
@@ -142,7 +144,8 @@ def trained(args, st: dict, method: str, run_dir: Path, extend: bool = False) ->
     ok = [v for v in slopes.values() if v is not None]
     return {"ri_psnr": ev["ri_psnr"], "ri_psnr_mean": ev["ri_psnr_mean"], "ms_ssim": ev["ms_ssim"],
             "ms_ssim_mean": ev["ms_ssim_mean"], "floors": ev["floors"], "split_gain": ev["split_gain"],
-            "split_status": ev["split_status"], "correlation": ev["correlation"], "calibration_slope": slopes,
+            "split_status": ev["split_status"], "correlation": ev["correlation"],
+            "denoising": ev.get("denoising"), "calibration_slope": slopes,
             "calibration_slope_mean": float(np.mean(ok)) if ok else None,
             "calibration_scale": {n: c.get("scale") for n, c in cal.items()}, "calibrated_on": "val" if calib else None,
             "n_images": ev["n_images"], "steps": res.step, "train_seconds": res.seconds, "train_wall": train_wall,
@@ -277,6 +280,8 @@ def main():
             r["resembles_other"] = resembles_other(r["correlation"]["pred_vs_clean"], list(gain))
             r["split_status"] = split_status(gain, r["resembles_other"])
             r["verdict"] = ", ".join(f"{n} {s}" for n, s in r["split_status"].items())
+        if r.get("denoising"):  # the two outputs added vs a Gaussian filter of the input (metrics.denoising_check)
+            r["sum_vs_blur"] = r["denoising"]["margin"]
         carried = (r.get("correlation") or {}).get("error_vs_input_noise")
         if carried:
             r["noise_carried"] = float(np.mean(list(carried.values())))
@@ -287,6 +292,7 @@ def main():
                                                  if any("delta_vs_altered" in r for r in ok) else []),
         ("split gain A", "split_gain_A", 2),
         ("split gain B", "split_gain_B", 2), ("verdict", "verdict", 0), ("r(error, input noise)", "noise_carried", 2),
+        *([("sum vs blur", "sum_vs_blur", 2)] if any("sum_vs_blur" in r for r in ok) else []),
         ("MS-SSIM mean", "ms_ssim_mean", 4),
         ("calib. slope", "calibration_slope_mean", 3), ("steps", "steps", 0), ("K", "samples", 0),
         ("test fields", "n_images", 0)])

@@ -25,7 +25,7 @@ from .calibration import (DEFAULT_BINS, FALLBACK_SCALE, calibrate_arrays, clean_
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text
-from .metrics import channel_metrics, describe_split, split_quality
+from .metrics import channel_metrics, describe_denoising, describe_split, split_quality
 from .run_folder import prepare_run_split
 from .runtime import pick_device
 
@@ -191,6 +191,8 @@ def render_report(m: dict, run_dir: str) -> str:
               "naive: the noisy input / 2 for both channels; no split: the clean sum (A + B) / 2 for both channels, "
               "a perfect denoiser that does not split. Split gain: RI-PSNR minus the better floor; a channel is split "
               "only if its gain is > 0 and it correlates more with its own clean structure than with the other.", "", correlation_line(m)]
+    if m.get("denoising"):
+        lines += ["", describe_denoising(m["denoising"])]
     lines += ["", "RI-PSNR: range-invariant PSNR per frame (the paper's formula), averaged over frames. MS-SSIM: "
               f"pytorch-msssim, data range of the reference stack, {m['ms_ssim_levels']} of 5 scales. MicroSSIM: "
               "`microssim`, fitted per channel over all frames.",

@@ -36,7 +36,7 @@ import numpy as np
 from .calibration import FALLBACK_SCALE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
-from .metrics import describe_split
+from .metrics import describe_denoising, describe_split
 from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
@@ -436,7 +436,7 @@ def render_report(summary: dict) -> str:
         "(split gain > 0) and resembles its own structure more than the other. "
         + describe_split(summary["metrics"]["split_status"], summary["metrics"]["split_gain"],
                          summary["metrics"]["resembles_other"]),
-        "",
+        "", describe_denoising(summary["metrics"]["denoising"]) if summary["metrics"].get("denoising") else "", "",
         "RI-PSNR: range-invariant PSNR; MS-SSIM and MicroSSIM: structural similarity (1 = identical). 'package': "
         "the zip's own prediction through bioimageio.core (another Monte-Carlo draw, K = "
         f"{k['export']}). Calibration slope: RMSE against the predicted std over equal-count bins (ideal 1).",
@@ -538,7 +538,7 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
                "calibration_slope": {n: c["slope"] for n, c in m["calibration"].items()},
                "calibration_scale": {n: c["scale"] for n, c in m["calibration"].items()},
                **{key: m[key] for key in ("floors", "split_gain", "split_status", "resembles_other", "correlation",
-                                          "calibration_reliable", "calibration_unreliable_because")}}
+                                          "denoising", "calibration_reliable", "calibration_unreliable_because")}}
     summary = {
         "paths": {key: str(v) for key, v in paths.items()},
         "metrics": metrics,
@@ -694,6 +694,12 @@ def print_summary(summary: dict, log: Callable[[str], None] = print) -> None:
         log(f"         floors: naive {_f(fl['naive'][n])} dB, no split {_f(fl['no_split'][n])} dB -> split gain "
             f"{_f(m['split_gain'][n])} dB: {m['split_status'][n].upper()}")
     log(f"  mean   RI-PSNR {_f(m['ri_psnr_mean'])} dB   MS-SSIM {_f(m['ms_ssim_mean'], 4)}")
+    d = m.get("denoising")
+    if d:
+        log(f"  sum    RI-PSNR {_f(d['model'])} dB against the clean sum; a Gaussian filter of the input "
+            f"(sigma {d['blur_sigma']:g} px) {_f(d['blur'])} dB -> "
+            + ("denoises LESS WELL THAN A BLUR: undertrained" if d["margin"] < 0 else
+               f"{_f(d['margin'])} dB better than the blur"))
     for w in summary["warnings"]:
         log(f"note: {w}")
     log(f"validated package: {p['zip']}")

@@ -159,3 +159,25 @@ def test_a_ghost_of_the_other_structure_is_not_split_even_above_the_floors():
     assert q["resembles_other"] == {"a": False, "b": True}
     assert q["split_status"]["b"] == "not split" and q["split_status"]["a"] == "split"
     assert "resembles the other structure" in describe_split(q["split_status"], q["split_gain"], q["resembles_other"])
+
+
+def test_denoising_check_tells_a_good_denoiser_from_one_a_blur_beats():
+    """The two outputs added against the clean sum, beside the best Gaussian filter of the input: a near-perfect
+    denoiser is ahead of the blur, an over-smoothed one (what an undertrained VAE gives) behind it, and the report
+    sentence says so."""
+    from denoisplit_zoo.metrics import BLUR_SIGMAS, describe_denoising, split_quality
+
+    clean, inputs = _two_structures()
+    names = ["a", "b"]
+    good = clean + np.random.default_rng(5).normal(scale=2.0, size=clean.shape)
+    smooth = gaussian_filter(clean, (0, 0, 4, 4))  # a split, but far blurrier than the structures
+    ri = channel_metrics(clean, good, names)["ri_psnr"]
+    d = split_quality(clean, good, inputs, names, ri, clean=True)["denoising"]
+    assert d["blur_sigma"] in BLUR_SIGMAS and d["noisy"] < d["blur"] < d["model"] and d["margin"] > 0
+    assert d["blur"] == pytest.approx(ri_psnr(clean.sum(1), gaussian_filter(inputs, (0, d["blur_sigma"],
+                                                                                      d["blur_sigma"]))))
+    assert "ahead of the blur" in describe_denoising(d)
+    d = split_quality(clean, smooth, inputs, names, channel_metrics(clean, smooth, names)["ri_psnr"],
+                      clean=True)["denoising"]
+    assert d["margin"] < 0 and "less well than a blur" in describe_denoising(d)
+    assert split_quality(clean, good, inputs, names, ri, clean=False)["denoising"] is None

@@ -89,6 +89,7 @@ def test_quickstart_writes_a_validated_package(quick):
     assert "no split: clean sum / 2 (dB)" in card and "split gain" in card
     for n in ("actin", "mito"):
         assert f"{n}: {m['split_status'][n]}" in card
+    assert "Denoising check" in card  # and says whether the model denoises the sum at least as well as a blur
     assert "actin_mean" in rdf and "mito_std" in rdf
 
 
@@ -116,6 +117,9 @@ def test_quickstart_outputs_and_metrics(quick):
     report = (out / "quickstart.md").read_text()
     assert "RI-PSNR" in report and "quickstart.png" in report and "| training |" in report
     assert "no split: clean sum / 2 (dB)" in report and "split gain (dB)" in report
+    d = s["metrics"]["denoising"]  # the sum of the two outputs beside a blur of the input, in json, report, summary
+    assert d == m["denoising"] and d["margin"] == pytest.approx(d["model"] - d["blur"])
+    assert "Denoising check" in report
     assert set(s["seconds"]) == set(qs.STAGES)
 
 
@@ -130,6 +134,9 @@ def test_quickstart_progress_and_final_lines(quick):
     status = quick["summary"]["metrics"]["split_status"]
     floor_lines = [ln for ln in lines[-20:] if "floors: naive" in ln]  # one per structure, actin then mito
     assert [ln.endswith(f": {status[n].upper()}") for ln, n in zip(floor_lines, qs.CHANNELS)] == [True, True]
+    blur = quick["summary"]["metrics"]["denoising"]
+    (sum_line,) = [ln for ln in lines[-20:] if ln.startswith("  sum    RI-PSNR")]
+    assert ("LESS WELL THAN A BLUR" in sum_line) == (blur["margin"] < 0)
 
 
 def test_quickstart_refuses_a_non_empty_folder(tmp_path, capsys):

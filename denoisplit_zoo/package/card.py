@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import read_json
-from ..metrics import describe_split
+from ..metrics import describe_denoising, describe_split
 from ..model import SAMPLES_PER_PASS
 from . import layout as L
 from .context import (PackageContext, latent_noise, renamed_calibration, template_text, template_values,
@@ -109,6 +109,8 @@ def _metrics_section(ctx: PackageContext, metrics: Optional[dict]) -> str:
                        "input / 2 for both channels) and *no split* (the clean sum / 2 for both channels: a perfect "
                        "denoiser that does not split). A structure is split only if it beats both (split gain > "
                        f"0). {verdict}")
+        if metrics.get("denoising"):
+            floors_text += " " + describe_denoising(metrics["denoising"])
     else:
         rows.append(["mean", metrics.get("ri_psnr_mean", "-"), metrics.get("ms_ssim_mean", "-")])
         floors_text = ("\n\nThis evaluation report has no floors (made before they were reported), so whether the "
