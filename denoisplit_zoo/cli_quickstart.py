@@ -6,6 +6,7 @@ Heavy imports happen inside the command function so `--help` stays instant.
 from __future__ import annotations
 
 from .cli_args import add_threads
+from .sample_data import DEMO_GAUSSIAN, DEMO_POISSON
 
 
 def register(sub) -> None:
@@ -22,8 +23,10 @@ def register(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise, the split's patches and training")
     p.add_argument("--gaussian", type=float, default=None,
-                   help="synthetic Gaussian noise std as a multiple of std(mean of the two channels) (default 0.25)")
-    p.add_argument("--poisson", type=float, default=None, help="Poisson factor F: x <- Poisson(x / F) * F (default 1)")
+                   help="synthetic Gaussian noise std as a multiple of std(mean of the two channels) "
+                        f"(default {DEMO_GAUSSIAN:g})")
+    p.add_argument("--poisson", type=float, default=None,
+                   help=f"Poisson factor F: x <- Poisson(x / F) * F (default {DEMO_POISSON:g})")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init-from", metavar="SOURCE", default="auto",
                        help="fine-tune from these weights: a bundled model (`denoisplit-zoo models`), a run folder "

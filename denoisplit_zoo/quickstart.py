@@ -40,6 +40,7 @@ from .metrics import describe_denoising, describe_split
 from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
+from .sample_data import DEMO_GAUSSIAN, DEMO_POISSON
 
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
 CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
@@ -52,16 +53,7 @@ CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae
 # without the bundled model, train from scratch; `--from-scratch` asks for that explicitly.
 PRETRAINED = "w2s_bpae_like_small"
 
-# The paper's protocol (docs/contracts.md): per channel x <- Poisson(x / F) * F, then Gaussian noise of std
-# GAUSSIAN x std(mean of the two clean channels over the training stripe) (~1,840 counts here). F = 1 treats a camera
-# count as one detected photon (the sample's gain is not documented; F = 1 is the paper's own setting). The level
-# is chosen for a realistic demonstration, not the hardest case: at Gaussian x0.25 (std 461 counts, printed by the
-# quickstart) the mitochondria, ~9x dimmer than the actin (99th percentiles ~2,000 vs ~16,000 counts above the
-# camera offset), peak at ~4x the noise std, grainy but visible, as in a low-light widefield acquisition. Earlier
-# versions used x2 (std ~3,700 counts), which buries the mitochondria below the noise (peak SNR ~0.5). Measured
-# (README): neither level is split by a 10-minute CPU quickstart. `--gaussian` / `--poisson` choose other levels.
-GAUSSIAN = 0.25
-POISSON = 1.0
+GAUSSIAN, POISSON = DEMO_GAUSSIAN, DEMO_POISSON  # the demo's noise level: why this one, sample_data/__init__.py
 
 # The sample is ONE field, and prepare_data holds out its last stripes along the longer axis (x): validation
 # x 880-990, test x 990-1100, which here is nearly empty background right of the cell. The columns are therefore
