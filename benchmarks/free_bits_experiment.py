@@ -25,9 +25,7 @@ def channel_free_bits_kl(lam: float):
     """A drop-in for model._mc_kl: (B,) per-sample KL sums with each channel's batch mean floored at lam x h x w."""
 
     def kl(z, eps, std_q, p_params):
-        mu_p, lv_p = p_params.float().chunk(2, dim=1)
-        std_p = model_module.stable_std(lv_p)
-        element = (-0.5 * eps * eps - torch.log(std_q)) + 0.5 * ((z - mu_p) / std_p) ** 2 + torch.log(std_p)
+        element = model_module.mc_kl_elements(z, eps, std_q, p_params)
         per_channel = element.sum(dim=(2, 3))  # (B, C) nats
         floor = lam * element.shape[2] * element.shape[3]
         open_ = per_channel.mean(0, keepdim=True) >= floor

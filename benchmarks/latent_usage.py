@@ -38,9 +38,7 @@ def per_channel_kl(record: list):
     original = model_module._mc_kl
 
     def recording(z, eps, std_q, p_params):
-        mu_p, lv_p = p_params.float().chunk(2, dim=1)
-        std_p = model_module.stable_std(lv_p)
-        element = (-0.5 * eps * eps - torch.log(std_q)) + 0.5 * ((z - mu_p) / std_p) ** 2 + torch.log(std_p)
+        element = model_module.mc_kl_elements(z, eps, std_q, p_params)
         record.append((element.mean(dim=(0, 2, 3)), element.shape[2] * element.shape[3]))
         return original(z, eps, std_q, p_params)
 

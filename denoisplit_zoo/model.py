@@ -110,14 +110,19 @@ def _latent(q_params: torch.Tensor, eps: Optional[torch.Tensor]) -> Tuple[torch.
     return mu_q + std_q * eps, eps, std_q
 
 
-def _mc_kl(z: torch.Tensor, eps: torch.Tensor, std_q: torch.Tensor, p_params: torch.Tensor) -> torch.Tensor:
-    """One-sample Monte-Carlo KL, log q(z) - log p(z) summed over (z, h, w) -> (B,) (reference: analytical_kl=False).
-    The log(2*pi) terms cancel."""
+def mc_kl_elements(z: torch.Tensor, eps: torch.Tensor, std_q: torch.Tensor, p_params: torch.Tensor) -> torch.Tensor:
+    """One-sample Monte-Carlo KL per latent element, log q(z) - log p(z) -> (B, z, h, w) nats (reference:
+    analytical_kl=False). The log(2*pi) terms cancel."""
     mu_p, lv_p = p_params.float().chunk(2, dim=1)
     std_p = stable_std(lv_p)
     log_q = -0.5 * eps * eps - torch.log(std_q)
     log_p = -0.5 * ((z - mu_p) / std_p) ** 2 - torch.log(std_p)
-    return (log_q - log_p).flatten(1).sum(1)
+    return log_q - log_p
+
+
+def _mc_kl(z: torch.Tensor, eps: torch.Tensor, std_q: torch.Tensor, p_params: torch.Tensor) -> torch.Tensor:
+    """mc_kl_elements summed over (z, h, w) -> (B,): what the loss takes per level."""
+    return mc_kl_elements(z, eps, std_q, p_params).flatten(1).sum(1)
 
 
 class TopLayer(nn.Module):
