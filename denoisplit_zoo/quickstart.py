@@ -53,8 +53,6 @@ CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae
 # without the bundled model, train from scratch; `--from-scratch` asks for that explicitly.
 PRETRAINED = "w2s_bpae_like_small"
 
-GAUSSIAN, POISSON = DEMO_GAUSSIAN, DEMO_POISSON  # the demo's noise level: why this one, sample_data/__init__.py
-
 # The sample is ONE field, and prepare_data holds out its last stripes along the longer axis (x): validation
 # x 880-990, test x 990-1100, which here is nearly empty background right of the cell. The columns are therefore
 # rolled by HELD_OUT_SHIFT px before training, so that validation = original x 440-550 and test = original
@@ -451,7 +449,7 @@ def render_report(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- the API
-def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = GAUSSIAN, poisson: float = POISSON,
+def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = DEMO_GAUSSIAN, poisson: float = DEMO_POISSON,
                    seed: int = 0, device: str = "auto", progress: bool = True,
                    log: Optional[Callable[[str], None]] = None, preset: str = "small",
                    crop: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,

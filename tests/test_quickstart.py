@@ -57,7 +57,8 @@ def test_default_pretrained_model_is_bundled_and_starts_with_the_samples_structu
     from denoisplit_zoo.pretrained import bundled_models, channel_order, load_init_source
 
     assert qs.PRETRAINED in bundled_models()
-    cfg = qs._build_config(tmp_path / "data", "small", qs.GAUSSIAN, qs.POISSON, 0, "cpu", qs.PRETRAINED)
+    cfg = qs._build_config(tmp_path / "data", "small", qs.DEMO_GAUSSIAN, qs.DEMO_POISSON, 0, "cpu",
+                           qs.PRETRAINED)
     assert cfg.train.init_from == qs.PRETRAINED
     src = load_init_source(qs.PRETRAINED)
     assert channel_order(src.trained_on["channel_names"], qs.CHANNELS) == (0, 1)
