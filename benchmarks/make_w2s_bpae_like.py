@@ -12,6 +12,9 @@ Writes OUT/actin/fovNNN.tif and OUT/mito/fovNNN.tif (uint16; a folder the `train
 sub-folder names as channel names). The W2S data have no licence for redistribution: keep OUT out of the repository.
 
     python benchmarks/make_w2s_bpae_like.py ../shared/data/w2s_train_fov001-080.npz --out /tmp/w2s_bpae_like
+
+`--mito-p99 16000` makes both structures equally bright instead: the training data of `w2s_balanced_small`, the
+model the quickstart's default `--brightness balanced` fine-tunes.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("npz", type=Path, help="W2S npz with `clean` (N, 3, Y, X) uint8")
     ap.add_argument("--out", type=Path, required=True, help="new folder")
+    ap.add_argument("--mito-p99", type=float, default=MITO_P99,
+                    help=f"mitochondria's 99th percentile above the offset, counts (default {MITO_P99:g}, the raw "
+                         f"sample's; {ACTIN_P99:g} = as bright as the actin)")
     args = ap.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists: give a new folder")
     with np.load(args.npz, allow_pickle=False) as z:
         clean, fov = z["clean"], z["fov"]
     mito, actin = clean[:, 0].astype(np.float64), clean[:, 2].astype(np.float64)
-    scale_m = MITO_P99 / np.percentile(mito, 99)
+    scale_m = args.mito_p99 / np.percentile(mito, 99)
     scale_a = ACTIN_P99 / np.percentile(actin, 99)
     tmp = args.out.with_name(args.out.name + ".tmp")
     for name in ("actin", "mito"):
@@ -47,7 +53,7 @@ def main():
             tifffile.imwrite(tmp / name / f"fov{int(f):03d}.tif", np.round(OFFSET + s * arr[i]).astype(np.uint16))
     tmp.rename(args.out)
     print(f"{len(fov)} fields -> {args.out}: actin x{scale_a:.1f}, mito x{scale_m:.2f} counts per 8-bit level, "
-          f"offset {OFFSET:g}; ratio of 99th percentiles {ACTIN_P99 / MITO_P99:g}")
+          f"offset {OFFSET:g}; ratio of 99th percentiles {ACTIN_P99 / args.mito_p99:g}")
 
 
 if __name__ == "__main__":

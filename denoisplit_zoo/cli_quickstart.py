@@ -6,7 +6,7 @@ Heavy imports happen inside the command function so `--help` stays instant.
 from __future__ import annotations
 
 from .cli_args import add_threads
-from .sample_data import DEMO_GAUSSIAN, DEMO_POISSON
+from .sample_data import BRIGHTNESS, DEMO_BRIGHTNESS, DEMO_GAUSSIAN, DEMO_POISSON
 
 
 def register(sub) -> None:
@@ -27,6 +27,10 @@ def register(sub) -> None:
                         f"(default {DEMO_GAUSSIAN:g})")
     p.add_argument("--poisson", type=float, default=None,
                    help=f"Poisson factor F: x <- Poisson(x / F) * F (default {DEMO_POISSON:g})")
+    p.add_argument("--brightness", choices=BRIGHTNESS, default=DEMO_BRIGHTNESS,
+                   help="balanced: the mitochondria scaled to the actin's brightness (two stains of about equal "
+                        "brightness in one channel); raw: the sample's counts, actin ~8x brighter (the harder case) "
+                        f"(default {DEMO_BRIGHTNESS})")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init-from", metavar="SOURCE", default="auto",
                        help="fine-tune from these weights: a bundled model (`denoisplit-zoo models`), a run folder "
@@ -43,6 +47,6 @@ def _cmd_quickstart(a) -> int:
 
     noise = {k: v for k, v in (("gaussian", a.gaussian), ("poisson", a.poisson)) if v is not None}
     summary = run_quickstart(a.out, a.minutes, seed=a.seed, device=a.device, progress=not a.no_progress,
-                             init_from=None if a.from_scratch else a.init_from, **noise)
+                             init_from=None if a.from_scratch else a.init_from, brightness=a.brightness, **noise)
     print_summary(summary)
     return 0

@@ -40,18 +40,19 @@ from .metrics import describe_denoising, describe_split
 from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
-from .sample_data import DEMO_GAUSSIAN, DEMO_POISSON
+from .sample_data import BRIGHTNESS, DEMO_BRIGHTNESS, DEMO_CHANNELS, DEMO_GAUSSIAN, DEMO_POISSON
 
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
-CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
+CHANNELS = DEMO_CHANNELS  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
 
-# The weights a `small` quickstart fine-tunes by default (`init_from="auto"`; weights/, pretrained.py). No LadderVAE
-# splits after a few hundred steps from random weights; adapting a pretrained one to one's own microscope is the
-# realistic workflow. This one was trained on W2S actin / mitochondria recast at this sample's ~8:1 brightness ratio
-# and noise level (benchmarks/make_w2s_bpae_like.py): the equal-brightness, Gaussian x2 `w2s_mito_actin_small`
-# blurred the actin below the naive floor after fine-tuning (README, docs/quality.md). Other presets, or a checkout
-# without the bundled model, train from scratch; `--from-scratch` asks for that explicitly.
-PRETRAINED = "w2s_bpae_like_small"
+# The weights a `small` quickstart fine-tunes by default (`init_from="auto"`; weights/, pretrained.py), per
+# brightness (sample_data.BRIGHTNESS). No LadderVAE splits after a few hundred steps from random weights; adapting a
+# pretrained one to one's own microscope is the realistic workflow. Both were trained on W2S actin / mitochondria
+# recast as camera counts at the demo's noise level (benchmarks/make_w2s_bpae_like.py): at equal brightness
+# (`--mito-p99 16000`) for "balanced", at the sample's ~8:1 ratio for "raw". Fine-tuned on the other mixing, each
+# does worse (README, docs/quality.md). Other presets, or a checkout without the bundled model, train from scratch;
+# `--from-scratch` asks for that explicitly.
+PRETRAINED = {"balanced": "w2s_balanced_small", "raw": "w2s_bpae_like_small"}
 
 # The sample is ONE field, and prepare_data holds out its last stripes along the longer axis (x): validation
 # x 880-990, test x 990-1100, which here is nearly empty background right of the cell. The columns are therefore
@@ -59,6 +60,7 @@ PRETRAINED = "w2s_bpae_like_small"
 # x 550-660, the cell's centre (dense actin fibres and mitochondria). The roll joins the image's left and right
 # borders, both background, so the training stripe gets no visible seam.
 HELD_OUT_SHIFT = 440
+
 
 # Noise models: 600 iterations x 20k pairs instead of the small preset's 1000 x 50k. Measured on this sample
 # (2-core CPU): the predicted noise std stays within 1-2 % of the larger fit at the 5th-95th signal percentiles
@@ -92,9 +94,16 @@ STAGES = ("data", "noise models", "training", "calibration (no clean data)", "ev
 
 
 # ------------------------------------------------------------------------------------------------------- recipe
+def mixing_text(brightness: str, gain: float) -> str:
+    """How the two stains were mixed, in words (stage line, report, model card)."""
+    if brightness == "balanced":
+        return f"mitochondria scaled x{gain:.2f} about their minimum to the actin's brightness"
+    return "raw counts as recorded, actin ~8x brighter than the mitochondria"
+
+
 def quickstart_recipe(data: dict) -> dict:
     """The packaging recipe (package.recipe.Recipe keys; paths relative to OUT/) for the data described by `data`
-    (shape, poisson, gaussian): names, licence and the images' attribution, so the package's model card credits them
+    (shape, poisson, gaussian, brightness, mito_gain): names, licence and the images' attribution, so the package's model card credits them
     (CC-BY 4.0 requires it)."""
     source = "Robert Haase, BioImageAnalysisNotebooks, data/BPAE_actin.tif and data/BPAE_mito.tif, CC-BY 4.0"
     h, w = data["shape"]
@@ -112,7 +121,7 @@ def quickstart_recipe(data: dict) -> dict:
         "training_data": {
             "description": (
                 f"One {h} x {w} px widefield field of BPAE cells (0.108 um/px, camera counts): F-actin and "
-                f"mitochondria summed, with synthetic Poisson (factor {data['poisson']:g}) + Gaussian "
+                f"mitochondria ({mixing_text(data['brightness'], data['mito_gain'])}) summed, with synthetic Poisson (factor {data['poisson']:g}) + Gaussian "
                 f"({data['gaussian']:g} x std) noise as in the denoiSplit paper; cut into train / validation / test "
                 "stripes."),
             "source": f"{source} (bundled with denoisplit-zoo as denoisplit_zoo/sample_data)",
@@ -156,16 +165,18 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} is not empty; choose a new --out folder (or delete it)")
 
 
-def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None) -> Path:
-    """folder/actin.tif and folder/mito.tif: the bundled clean channels (uint16 camera counts, lossless) with their
-    columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols) if `crop` is given (tests). Returns
-    the folder: the run's data path (a flat folder of two TIFFs = one channel per file, sorted: actin, mito)."""
+def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None,
+                      brightness: str = DEMO_BRIGHTNESS) -> Path:
+    """folder/actin.tif and folder/mito.tif: the bundled clean channels (sample_data.demo_images(brightness),
+    float32 camera counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols) if `crop` is given
+    (tests). Returns the folder: the run's data path (a flat folder of two TIFFs = one channel per file, sorted:
+    actin, mito)."""
     import tifffile
 
-    from .sample_data import read_bpae
+    from .sample_data import demo_images
 
-    for name in CHANNELS:
-        img = np.roll(read_bpae(name), HELD_OUT_SHIFT, axis=1)
+    for name, img in demo_images(brightness).items():
+        img = np.roll(img, HELD_OUT_SHIFT, axis=1)
         if crop is not None:
             img = img[:crop[0], :crop[1]]
         with atomic_path(folder / f"{name}.tif") as tmp:
@@ -402,7 +413,8 @@ def render_report(summary: dict) -> str:
         "# denoisplit-zoo quickstart", "",
         "Actin and mitochondria of one BPAE field (bundled sample: Robert Haase, BioImageAnalysisNotebooks, "
         "CC-BY 4.0) were summed into one image and split again:", "",
-        f"1. **data**: {d['shape'][0]} x {d['shape'][1]} px, camera counts; synthetic noise per channel: Poisson "
+        f"1. **data**: {d['shape'][0]} x {d['shape'][1]} px, camera counts "
+        f"({mixing_text(d['brightness'], d['mito_gain'])}; `--brightness {d['brightness']}`); synthetic noise per channel: Poisson "
         f"(factor {d['poisson']:g}), then Gaussian with std {d['gaussian']:g} x std(mean of the two channels) = "
         f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the held-out stripes "
         f"cover the cell's centre), then cut into train / validation / test stripes: {d['regions']}.",
@@ -453,13 +465,17 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = DEMO_GAUSSIA
                    seed: int = 0, device: str = "auto", progress: bool = True,
                    log: Optional[Callable[[str], None]] = None, preset: str = "small",
                    crop: Optional[tuple[int, int]] = None, max_steps: Optional[int] = None,
-                   samples: Optional[dict] = None, init_from: Optional[str] = "auto") -> dict:
+                   samples: Optional[dict] = None, init_from: Optional[str] = "auto",
+                   brightness: str = DEMO_BRIGHTNESS) -> dict:
     """Run the whole quickstart into `out` (missing or empty) in about `minutes` of wall time (see the module
     docstring); `gaussian` / `poisson` set the synthetic noise (docs/contracts.md protocol).
 
     `init_from`: fine-tune from these weights (a bundled model's name, a run folder or an exported zip; see
-    pretrained.py); "auto" (default): PRETRAINED for the `small` preset when it is bundled, else from scratch;
-    None: from random weights.
+    pretrained.py); "auto" (default): PRETRAINED[brightness] for the `small` preset when it is bundled, else from
+    scratch; None: from random weights.
+
+    `brightness`: "balanced" (default) gives the mitochondria the actin's brightness, "raw" keeps the sample's counts
+    (sample_data.BRIGHTNESS).
 
     For tests: `preset`, `crop` (rows, cols of the sample's top-left corner), `max_steps`, and `samples` (fixed K
     per stage, {calibrate, evaluate, export}, instead of the budget's choice).
@@ -469,19 +485,22 @@ def run_quickstart(out, minutes: float = 10.0, *, gaussian: float = DEMO_GAUSSIA
     files; the same is written to OUT/quickstart.json."""
     if minutes <= 0:
         raise UserError(f"--minutes must be > 0, got {minutes}")
+    if brightness not in BRIGHTNESS:
+        raise UserError(f"--brightness {brightness!r}: choose one of {', '.join(BRIGHTNESS)}")
     if init_from == "auto":
-        init_from = PRETRAINED if preset == "small" and PRETRAINED in bundled_models() else None
+        name = PRETRAINED[brightness]
+        init_from = name if preset == "small" and name in bundled_models() else None
     log = log or (lambda line: print(line, flush=True))
     out = Path(out)
     _check_out(out)
     with OutputSet(out):  # all or nothing: a failure or Ctrl-C removes what this call wrote, so OUT can be reused
         return _run(out, minutes, gaussian, poisson, seed, device, progress, log, preset, crop, max_steps, samples,
-                    init_from)
+                    init_from, brightness)
 
 
 def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, device: str, progress: bool,
          log: Callable[[str], None], preset: str, crop: Optional[tuple[int, int]], max_steps: Optional[int],
-         samples: Optional[dict], init_from: Optional[str]) -> dict:
+         samples: Optional[dict], init_from: Optional[str], brightness: str) -> dict:
     """run_quickstart's stages, inside its OutputSet."""
 
     clock = _Clock(log)
@@ -490,7 +509,8 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
              "figure": out / "quickstart.png", "report_md": out / "quickstart.md", "summary": out / "quickstart.json"}
     dev = pick_device(device)
 
-    cfg, prepared, data_info = _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from)
+    cfg, prepared, data_info = _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from,
+                                           brightness)
     val_shape, test_shape = prepared.val.inputs.shape[1:], prepared.test.inputs.shape[1:]
     budget = {"minutes": minutes}
     clock.stage("noise models", f"GMM per channel, {cfg.noise_model.n_iterations} iterations")
@@ -547,17 +567,21 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
     return summary
 
 
-def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from):
+def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from, brightness):
     """[1] the clean sample -> OUT/bpae_sample/; the split and the noise exactly as training will rebuild them."""
     from .data import prepare_data
+    from .sample_data import mito_gain, read_bpae
 
-    clock.stage("data", "bundled BPAE sample: actin + mitochondria, synthetic noise")
-    write_sample_data(paths["data"], crop)
+    gain = mito_gain(*(read_bpae(n) for n in CHANNELS)) if brightness == "balanced" else 1.0
+    clock.stage("data", f"bundled BPAE sample: actin + mitochondria ({mixing_text(brightness, gain)}), "
+                        "synthetic noise")
+    write_sample_data(paths["data"], crop, brightness)
     cfg = _build_config(paths["data"], preset, gaussian, poisson, seed, device, init_from)
     prepared = prepare_data(cfg.data, cfg.train.patch_size)
     regions = prepared.split["regions"]  # {split: [[y0, y1], [x0, x1]]}
     shape = [max(r[0][1] for r in regions.values()), max(r[1][1] for r in regions.values())]
     info = {"shape": shape, "gaussian": gaussian, "poisson": poisson, "column_roll": HELD_OUT_SHIFT,
+            "brightness": brightness, "mito_gain": gain,
             "gaussian_sigma": prepared.noise_info["gaussian_sigma"], "regions": _describe_regions(regions)}
     clock.log(f"      {shape[0]} x {shape[1]} px; noise: Poisson x{poisson:g} + Gaussian std "
               f"{info['gaussian_sigma']:.0f} counts; {info['regions']}")
@@ -673,6 +697,9 @@ def print_summary(summary: dict, log: Callable[[str], None] = print) -> None:
         f"min; {t['steps']} training steps on {t['device']}"
         f"{', fine-tuned from ' + str(t['init_from']) if t.get('init_from') else ', from scratch'}; posterior "
         f"samples: {ks})")
+    d = summary["data"]
+    log(f"data: actin + mitochondria ({mixing_text(d['brightness'], d['mito_gain'])}; --brightness "
+        f"{d['brightness']}), Poisson x{d['poisson']:g} + Gaussian std {d['gaussian_sigma']:.0f} counts")
     log(f"files written in {p['out']}/:")
     for what, rel in summary["files"].items():
         log(f"  {rel:40s} {what}")

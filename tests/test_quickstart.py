@@ -24,6 +24,7 @@ import bioimageio.core  # noqa: E402,F401  (the [bmz] extra: the README test com
 from denoisplit_zoo import quickstart as qs  # noqa: E402
 from denoisplit_zoo import sample_data  # noqa: E402
 from denoisplit_zoo.cli import main  # noqa: E402
+from denoisplit_zoo.errors import UserError  # noqa: E402
 
 CROP = (160, 256)  # rows, cols: split along x into train 192 | val 32 | test 32 (the tiny patch size)
 K = {"calibrate": 4, "evaluate": 4, "export": 4}
@@ -51,17 +52,50 @@ def test_bundled_sample_is_the_documented_data():
     assert "Robert Haase" in readme and "CC-BY 4.0" in readme and "0.108" in readme
 
 
-def test_default_pretrained_model_is_bundled_and_starts_with_the_samples_structures(tmp_path):
-    """The model a `small` quickstart fine-tunes by default is in weights/, fits the `small` preset (no architecture
-    error), and its structures are matched by name onto the sample's (actin, mito) in that order."""
+def test_default_pretrained_models_are_bundled_and_start_with_the_samples_structures(tmp_path):
+    """The model a `small` quickstart fine-tunes by default, for each brightness, is in weights/, fits the `small`
+    preset (no architecture error), and its structures are matched by name onto the sample's (actin, mito) in that
+    order."""
     from denoisplit_zoo.pretrained import bundled_models, channel_order, load_init_source
 
-    assert qs.PRETRAINED in bundled_models()
-    cfg = qs._build_config(tmp_path / "data", "small", qs.DEMO_GAUSSIAN, qs.DEMO_POISSON, 0, "cpu",
-                           qs.PRETRAINED)
-    assert cfg.train.init_from == qs.PRETRAINED
-    src = load_init_source(qs.PRETRAINED)
-    assert channel_order(src.trained_on["channel_names"], qs.CHANNELS) == (0, 1)
+    assert set(qs.PRETRAINED) == set(sample_data.BRIGHTNESS)
+    for name in qs.PRETRAINED.values():
+        assert name in bundled_models()
+        cfg = qs._build_config(tmp_path / "data", "small", qs.DEMO_GAUSSIAN, qs.DEMO_POISSON, 0, "cpu", name)
+        assert cfg.train.init_from == name
+        src = load_init_source(name)
+        assert channel_order(src.trained_on["channel_names"], qs.CHANNELS) == (0, 1)
+
+
+def test_balanced_brightness_gives_the_mitochondria_the_actins_99th_percentile():
+    raw, bal = sample_data.demo_images("raw"), sample_data.demo_images("balanced")
+    for name in qs.CHANNELS:
+        assert np.array_equal(raw[name], sample_data.read_bpae(name).astype(np.float32))
+    assert np.array_equal(bal["actin"], raw["actin"])  # only the mitochondria change
+    above = {n: np.percentile(bal[n], 99) - bal[n].min() for n in qs.CHANNELS}
+    assert above["mito"] == pytest.approx(above["actin"], rel=1e-4)
+    assert bal["mito"].min() == raw["mito"].min()  # scaled about its minimum: the background stays where it was
+    gain = sample_data.mito_gain(raw["actin"], raw["mito"])
+    assert 7 < gain < 9  # the sample's documented ~8:1 ratio
+    assert np.allclose(bal["mito"] - bal["mito"].min(), gain * (raw["mito"] - raw["mito"].min()), rtol=1e-5)
+    with pytest.raises(ValueError, match="brightness"):
+        sample_data.demo_images("bright")
+
+
+def test_sample_data_folder_is_the_rolled_demo_images(tmp_path):
+    for brightness in sample_data.BRIGHTNESS:
+        folder = qs.write_sample_data(tmp_path / brightness, (40, 60), brightness)
+        for name, img in sample_data.demo_images(brightness).items():
+            expect = np.roll(img, qs.HELD_OUT_SHIFT, axis=1)[:40, :60]
+            assert np.array_equal(tifffile.imread(folder / f"{name}.tif"), expect)
+
+
+def test_quickstart_refuses_an_unknown_brightness(tmp_path, capsys):
+    with pytest.raises(UserError, match="brightness"):
+        qs.run_quickstart(tmp_path / "o", brightness="bright", log=lambda line: None)
+    assert not (tmp_path / "o").exists()
+    assert main(["quickstart", "--brightness", "bright", "--out", str(tmp_path / "o")]) == 2
+    assert "brightness" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_copy_is_byte_identical(tmp_path):
@@ -110,6 +144,9 @@ def test_quickstart_outputs_and_metrics(quick):
         if s["metrics"]["split_status"][n] == "not split":
             assert any(w.startswith(f"{n}: not split") for w in s["warnings"])
     assert json.loads((out / "quickstart.json").read_text())["samples"] == K
+    assert s["data"]["brightness"] == sample_data.DEMO_BRIGHTNESS == "balanced"
+    assert s["data"]["mito_gain"] == pytest.approx(sample_data.mito_gain(
+        *(sample_data.read_bpae(n) for n in qs.CHANNELS)))
     assert (out / "quickstart.png").stat().st_size > 10_000
     pred = tifffile.imread(out / "prediction" / "test_region_prediction.tif")
     noisy = tifffile.imread(out / "prediction" / "test_region_input.tif")
