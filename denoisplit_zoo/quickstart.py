@@ -1,13 +1,14 @@
 """`denoisplit-zoo quickstart`: the whole pipeline on the bundled BPAE sample, within a time budget.
 
-Actin and mitochondria (sample_data/, camera counts, CC-BY 4.0) are summed into one image, the paper's synthetic
-noise is added, and the `small` preset learns to split the sum again: noise models -> training -> calibration
-without clean data -> evaluation on the held-out region against the clean images -> bioimage.io package (self-tested)
--> prediction of the held-out region through bioimageio.core from the zip -> figure and report.
+Actin and mitochondria (sample_data/, camera counts, CC-BY 4.0; by default at equal brightness) are summed into
+one image, the paper's synthetic noise is added, and the `small` preset learns to split the sum again: noise
+models -> training -> calibration without clean data -> evaluation on the held-out region against the clean
+images -> bioimage.io package (self-tested) -> prediction of the held-out region through bioimageio.core from the
+zip -> figure and report.
 
 OUT/
-  bpae_sample/             actin.tif, mito.tif: the clean sample the run reads (sample_data/, columns rolled: see
-                           HELD_OUT_SHIFT)
+  bpae_sample/             actin.tif, mito.tif: the clean sample the run reads (sample_data/, float32 counts, the
+                           mitochondria rescaled for --brightness balanced, columns rolled: see HELD_OUT_SHIFT)
   run/                     the run folder (config.yaml, noise_models/, checkpoints/, calibration.json, ...)
   report/                  `denoisplit-zoo evaluate` output (metrics.json, report.md, figures)
   recipe.yaml              the packaging recipe (names, training data, attribution); `export --recipe` re-uses it
@@ -61,7 +62,6 @@ PRETRAINED = {"balanced": "w2s_balanced_small", "raw": "w2s_bpae_like_small"}
 # borders, both background, so the training stripe gets no visible seam.
 HELD_OUT_SHIFT = 440
 
-
 # Noise models: 600 iterations x 20k pairs instead of the small preset's 1000 x 50k. Measured on this sample
 # (2-core CPU): the predicted noise std stays within 1-2 % of the larger fit at the 5th-95th signal percentiles
 # and costs ~40 % of its time.
@@ -103,8 +103,8 @@ def mixing_text(brightness: str, gain: float) -> str:
 
 def quickstart_recipe(data: dict) -> dict:
     """The packaging recipe (package.recipe.Recipe keys; paths relative to OUT/) for the data described by `data`
-    (shape, poisson, gaussian, brightness, mito_gain): names, licence and the images' attribution, so the package's model card credits them
-    (CC-BY 4.0 requires it)."""
+    (shape, poisson, gaussian, brightness, mito_gain): names, licence and the images' attribution, so the package's
+    model card credits them (CC-BY 4.0 requires it)."""
     source = "Robert Haase, BioImageAnalysisNotebooks, data/BPAE_actin.tif and data/BPAE_mito.tif, CC-BY 4.0"
     h, w = data["shape"]
     return {
@@ -121,7 +121,8 @@ def quickstart_recipe(data: dict) -> dict:
         "training_data": {
             "description": (
                 f"One {h} x {w} px widefield field of BPAE cells (0.108 um/px, camera counts): F-actin and "
-                f"mitochondria ({mixing_text(data['brightness'], data['mito_gain'])}) summed, with synthetic Poisson (factor {data['poisson']:g}) + Gaussian "
+                f"mitochondria ({mixing_text(data['brightness'], data['mito_gain'])}) summed, with synthetic "
+                f"Poisson (factor {data['poisson']:g}) + Gaussian "
                 f"({data['gaussian']:g} x std) noise as in the denoiSplit paper; cut into train / validation / test "
                 "stripes."),
             "source": f"{source} (bundled with denoisplit-zoo as denoisplit_zoo/sample_data)",
@@ -168,9 +169,9 @@ def _check_out(out: Path) -> None:
 def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None,
                       brightness: str = DEMO_BRIGHTNESS) -> Path:
     """folder/actin.tif and folder/mito.tif: the bundled clean channels (sample_data.demo_images(brightness),
-    float32 camera counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols) if `crop` is given
-    (tests). Returns the folder: the run's data path (a flat folder of two TIFFs = one channel per file, sorted:
-    actin, mito)."""
+    float32 camera counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols)
+    if `crop` is given (tests). Returns the folder: the run's data path (a flat folder of two TIFFs = one channel
+    per file, sorted: actin, mito)."""
     import tifffile
 
     from .sample_data import demo_images
@@ -414,7 +415,8 @@ def render_report(summary: dict) -> str:
         "Actin and mitochondria of one BPAE field (bundled sample: Robert Haase, BioImageAnalysisNotebooks, "
         "CC-BY 4.0) were summed into one image and split again:", "",
         f"1. **data**: {d['shape'][0]} x {d['shape'][1]} px, camera counts "
-        f"({mixing_text(d['brightness'], d['mito_gain'])}; `--brightness {d['brightness']}`); synthetic noise per channel: Poisson "
+        f"({mixing_text(d['brightness'], d['mito_gain'])}; `--brightness {d['brightness']}`); synthetic noise per "
+        "channel: Poisson "
         f"(factor {d['poisson']:g}), then Gaussian with std {d['gaussian']:g} x std(mean of the two channels) = "
         f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the held-out stripes "
         f"cover the cell's centre), then cut into train / validation / test stripes: {d['regions']}.",
@@ -681,7 +683,7 @@ def _file_list(out: Path, paths: dict) -> dict:
             "held-out noisy input": rel(paths["prediction"] / "test_region_input.tif"),
             "run folder (config, checkpoints, noise models, calibration)": rel(paths["run"]),
             "packaging recipe (`denoisplit-zoo export --recipe`)": rel(paths["recipe"]),
-            "clean data the run reads (the bundled sample, columns rolled)": rel(paths["data"])}
+            "clean data the run reads (the bundled sample, mixed by --brightness, columns rolled)": rel(paths["data"])}
 
 
 def _json_safe(obj):
