@@ -41,10 +41,10 @@ from .metrics import describe_denoising, describe_split
 from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
-from .sample_data import BRIGHTNESS, DEMO_BRIGHTNESS, DEMO_CHANNELS, DEMO_GAUSSIAN, DEMO_POISSON
+from .sample_data import BRIGHTNESS, DEMO_BRIGHTNESS, DEMO_GAUSSIAN, DEMO_POISSON
 
 ZIP_NAME = "denoisplit_bpae_actin_mito.zip"
-CHANNELS = DEMO_CHANNELS  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
+CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae_sample/ -> the run's channel names)
 
 # The weights a `small` quickstart fine-tunes by default (`init_from="auto"`; weights/, pretrained.py), per
 # brightness (sample_data.BRIGHTNESS). No LadderVAE splits after a few hundred steps from random weights; adapting a
@@ -166,18 +166,15 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} is not empty; choose a new --out folder (or delete it)")
 
 
-def write_sample_data(folder: Path, crop: Optional[tuple[int, int]] = None,
-                      brightness: str = DEMO_BRIGHTNESS) -> Path:
-    """folder/actin.tif and folder/mito.tif: the bundled clean channels (sample_data.demo_images(brightness),
-    float32 camera counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols)
+def write_sample_data(folder: Path, images: dict, crop: Optional[tuple[int, int]] = None) -> Path:
+    """folder/actin.tif and folder/mito.tif: the clean channels `images` (sample_data.demo_images, float32 camera
+    counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols)
     if `crop` is given (tests). Returns the folder: the run's data path (a flat folder of two TIFFs = one channel
     per file, sorted: actin, mito)."""
     import tifffile
 
-    from .sample_data import demo_images
-
-    for name, img in demo_images(brightness).items():
-        img = np.roll(img, HELD_OUT_SHIFT, axis=1)
+    for name in CHANNELS:
+        img = np.roll(images[name], HELD_OUT_SHIFT, axis=1)
         if crop is not None:
             img = img[:crop[0], :crop[1]]
         with atomic_path(folder / f"{name}.tif") as tmp:
@@ -572,12 +569,12 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
 def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, init_from, brightness):
     """[1] the clean sample -> OUT/bpae_sample/; the split and the noise exactly as training will rebuild them."""
     from .data import prepare_data
-    from .sample_data import mito_gain, read_bpae
+    from .sample_data import demo_images
 
-    gain = mito_gain(*(read_bpae(n) for n in CHANNELS)) if brightness == "balanced" else 1.0
+    images, gain = demo_images(brightness)
     clock.stage("data", f"bundled BPAE sample: actin + mitochondria ({mixing_text(brightness, gain)}), "
                         "synthetic noise")
-    write_sample_data(paths["data"], crop, brightness)
+    write_sample_data(paths["data"], images, crop)
     cfg = _build_config(paths["data"], preset, gaussian, poisson, seed, device, init_from)
     prepared = prepare_data(cfg.data, cfg.train.patch_size)
     regions = prepared.split["regions"]  # {split: [[y0, y1], [x0, x1]]}

@@ -68,14 +68,14 @@ def test_default_pretrained_models_are_bundled_and_start_with_the_samples_struct
 
 
 def test_balanced_brightness_gives_the_mitochondria_the_actins_99th_percentile():
-    raw, bal = sample_data.demo_images("raw"), sample_data.demo_images("balanced")
+    (raw, gain_raw), (bal, gain) = sample_data.demo_images("raw"), sample_data.demo_images("balanced")
     for name in qs.CHANNELS:
         assert np.array_equal(raw[name], sample_data.read_bpae(name).astype(np.float32))
     assert np.array_equal(bal["actin"], raw["actin"])  # only the mitochondria change
     above = {n: np.percentile(bal[n], 99) - bal[n].min() for n in qs.CHANNELS}
     assert above["mito"] == pytest.approx(above["actin"], rel=1e-4)
     assert bal["mito"].min() == raw["mito"].min()  # scaled about its minimum: the background stays where it was
-    gain = sample_data.mito_gain(raw["actin"], raw["mito"])
+    assert gain == sample_data.mito_gain(raw["actin"], raw["mito"]) and gain_raw == 1.0
     assert 7 < gain < 9  # the sample's documented ~8:1 ratio
     assert np.allclose(bal["mito"] - bal["mito"].min(), gain * (raw["mito"] - raw["mito"].min()), rtol=1e-5)
     with pytest.raises(ValueError, match="brightness"):
@@ -84,8 +84,9 @@ def test_balanced_brightness_gives_the_mitochondria_the_actins_99th_percentile()
 
 def test_sample_data_folder_is_the_rolled_demo_images(tmp_path):
     for brightness in sample_data.BRIGHTNESS:
-        folder = qs.write_sample_data(tmp_path / brightness, (40, 60), brightness)
-        for name, img in sample_data.demo_images(brightness).items():
+        images, _ = sample_data.demo_images(brightness)
+        folder = qs.write_sample_data(tmp_path / brightness, images, (40, 60))
+        for name, img in sample_data.demo_images(brightness)[0].items():
             expect = np.roll(img, qs.HELD_OUT_SHIFT, axis=1)[:40, :60]
             assert np.array_equal(tifffile.imread(folder / f"{name}.tif"), expect)
 

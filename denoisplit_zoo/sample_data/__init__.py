@@ -42,8 +42,6 @@ DEMO_POISSON = 1.0
 BRIGHTNESS = ("balanced", "raw")
 DEMO_BRIGHTNESS = "balanced"
 BALANCE_PERCENTILE = 99.0
-# the quickstart's two structures, in the order of the run's channels A and B
-DEMO_CHANNELS = ("actin", "mito")
 
 
 def _resource(name: str):
@@ -68,17 +66,19 @@ def mito_gain(actin: np.ndarray, mito: np.ndarray) -> float:
     return a / m
 
 
-def demo_images(brightness: str = DEMO_BRIGHTNESS) -> dict:
-    """{"actin", "mito": (680, 1100) float32 camera counts}: the clean channels the quickstart sums, the
-    mitochondria rescaled about their minimum for brightness "balanced", both as recorded for "raw"."""
+def demo_images(brightness: str = DEMO_BRIGHTNESS) -> tuple[dict, float]:
+    """({"actin", "mito": (680, 1100) float32 camera counts}, gain): the clean channels the quickstart sums, the
+    mitochondria rescaled about their minimum by `gain` = mito_gain(...) for brightness "balanced", both as recorded
+    (gain 1) for "raw"."""
     if brightness not in BRIGHTNESS:
         raise ValueError(f"unknown brightness {brightness!r}; choose one of {', '.join(BRIGHTNESS)}")
-    img = {name: read_bpae(name).astype(np.float32) for name in DEMO_CHANNELS}
+    img = {name: read_bpae(name).astype(np.float32) for name in ("actin", "mito")}
+    gain = 1.0
     if brightness == "balanced":
-        a, b = DEMO_CHANNELS
-        low = img[b].min()
-        img[b] = low + (img[b] - low) * np.float32(mito_gain(img[a], img[b]))
-    return img
+        gain = mito_gain(img["actin"], img["mito"])
+        low = img["mito"].min()
+        img["mito"] = low + (img["mito"] - low) * np.float32(gain)
+    return img, gain
 
 
 def copy_bpae(name: str, dest) -> Path:
