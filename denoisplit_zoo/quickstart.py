@@ -8,7 +8,7 @@ zip -> figure and report.
 
 OUT/
   bpae_sample/             actin.tif, mito.tif: the clean sample the run reads (sample_data/, float32 counts, the
-                           mitochondria rescaled for --brightness balanced, columns rolled: see HELD_OUT_SHIFT)
+                           mitochondria rescaled for --brightness balanced, columns rolled: see held_out_shift)
   run/                     the run folder (config.yaml, noise_models/, checkpoints/, calibration.json, ...)
   report/                  `denoisplit-zoo evaluate` output (metrics.json, report.md, figures)
   recipe.yaml              the packaging recipe (names, training data, attribution); `export --recipe` re-uses it
@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .calibration import FALLBACK_SCALE
+from .config import DataConfig
+from .data import split_regions
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
 from .metrics import describe_denoising, describe_split
@@ -56,11 +58,15 @@ CHANNELS = ("actin", "mito")  # structure A, structure B (file names in OUT/bpae
 PRETRAINED = {"balanced": "w2s_balanced_small", "raw": "w2s_bpae_like_small"}
 
 # The sample is ONE field, and prepare_data holds out its last stripes along the longer axis (x): validation
-# x 880-990, test x 990-1100, which here is nearly empty background right of the cell. The columns are therefore
-# rolled by HELD_OUT_SHIFT px before training, so that validation = original x 440-550 and test = original
-# x 550-660, the cell's centre (dense actin fibres and mitochondria). The roll joins the image's left and right
-# borders, both background, so the training stripe gets no visible seam.
-HELD_OUT_SHIFT = 440
+# x 880-990, test x 990-1100, here nearly empty background right of the cell. The columns are therefore rolled
+# before the split, by the shift held_out_shift() finds: the one after which the validation and the test stripe each
+# hold as nearly as possible their area's share (10 %) of each structure's signal, so that the held-out stripes
+# sample the cell as the training stripe does (on this field: 578 px, test = original x 412-522, validation x
+# 302-412). Why a rule: the cell holds one nucleus, and a test stripe over it (the former fixed roll of 440 px: test
+# x 550-660, 29 % of the field's mitochondrial signal, the perinuclear haze seen nowhere else) is not split by a
+# model fine-tuned on the rest of the field, which splits its own training stripe by +6 / +5 dB (docs/quality.md).
+# The roll joins the image's left and right borders, both background, inside the training stripe.
+SPLIT_FRACTIONS = DataConfig.model_fields["split"].default  # the run's split (train, val, test): the config's default
 
 # Noise models: 600 iterations x 20k pairs instead of the small preset's 1000 x 50k. Measured on this sample
 # (2-core CPU): the predicted noise std stays within 1-2 % of the larger fit at the 5th-95th signal percentiles
@@ -166,15 +172,34 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} is not empty; choose a new --out folder (or delete it)")
 
 
-def write_sample_data(folder: Path, images: dict, crop: Optional[tuple[int, int]] = None) -> Path:
+def held_out_shift(images: dict, fractions=SPLIT_FRACTIONS) -> int:
+    """Columns to roll the (Y, X) images `images` ({name: array}, X the longer axis; raw counts or any per-structure
+    scaling, the shares are scale-free) by so that the validation and the test stripe of split_regions each hold
+    as nearly as possible their fraction of every structure's signal above its minimum: the shift with the smallest
+    largest |share - fraction| (ties: the smallest shift)."""
+    shapes = {a.shape for a in images.values()}
+    h, w = shapes.pop()
+    if shapes or w < h:
+        raise ValueError("held_out_shift needs images of one shape, wider than tall")
+    regions = split_regions((h, w), fractions)
+    held = [(regions[k][1], f) for k, f in zip(("val", "test"), fractions[1:])]
+    cols = [(a - a.min()).sum(axis=0, dtype=np.float64) for a in images.values()]
+    if min(c.sum() for c in cols) <= 0:
+        raise ValueError("held_out_shift needs every image to hold some signal above its minimum")
+    cols = [c / c.sum() for c in cols]
+    worst = [max(abs(np.roll(c, s)[x].sum() - f) for c in cols for x, f in held) for s in range(w)]
+    return int(np.argmin(worst))
+
+
+def write_sample_data(folder: Path, images: dict, shift: int, crop: Optional[tuple[int, int]] = None) -> Path:
     """folder/actin.tif and folder/mito.tif: the clean channels `images` (sample_data.demo_images, float32 camera
-    counts) with their columns rolled by HELD_OUT_SHIFT, then cropped to the top-left (rows, cols)
+    counts) with their columns rolled by `shift` (held_out_shift), then cropped to the top-left (rows, cols)
     if `crop` is given (tests). Returns the folder: the run's data path (a flat folder of two TIFFs = one channel
     per file, sorted: actin, mito)."""
     import tifffile
 
     for name in CHANNELS:
-        img = np.roll(images[name], HELD_OUT_SHIFT, axis=1)
+        img = np.roll(images[name], shift, axis=1)
         if crop is not None:
             img = img[:crop[0], :crop[1]]
         with atomic_path(folder / f"{name}.tif") as tmp:
@@ -415,8 +440,9 @@ def render_report(summary: dict) -> str:
         f"({mixing_text(d['brightness'], d['mito_gain'])}; `--brightness {d['brightness']}`); synthetic noise per "
         "channel: Poisson "
         f"(factor {d['poisson']:g}), then Gaussian with std {d['gaussian']:g} x std(mean of the two channels) = "
-        f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the held-out stripes "
-        f"cover the cell's centre), then cut into train / validation / test stripes: {d['regions']}.",
+        f"{d['gaussian_sigma']:.0f} counts. Columns rolled by {d['column_roll']} px (so that the validation and the "
+        "test stripe each hold about their area's share of each structure's signal: they sample the cell as the "
+        f"training stripe does), then cut into train / validation / test stripes: {d['regions']}.",
         "2. **noise models**: one GMM per channel, fitted to the training stripe's (clean, noisy) pairs.",
         f"3. **training**: `{t['preset']}` preset "
         f"{'fine-tuned from `' + str(t['init_from']) + '`' if t.get('init_from') else 'from scratch'} on "
@@ -574,14 +600,15 @@ def _stage_data(clock, paths, preset, crop, gaussian, poisson, seed, device, ini
     images, gain = demo_images(brightness)
     clock.stage("data", f"bundled BPAE sample: actin + mitochondria ({mixing_text(brightness, gain)}), "
                         "synthetic noise")
-    write_sample_data(paths["data"], images, crop)
+    shift = held_out_shift(images)
+    write_sample_data(paths["data"], images, shift, crop)
     cfg = _build_config(paths["data"], preset, gaussian, poisson, seed, device, init_from)
     prepared = prepare_data(cfg.data, cfg.train.patch_size)
     regions = prepared.split["regions"]  # {split: [[y0, y1], [x0, x1]]}
     shape = [max(r[0][1] for r in regions.values()), max(r[1][1] for r in regions.values())]
-    info = {"shape": shape, "gaussian": gaussian, "poisson": poisson, "column_roll": HELD_OUT_SHIFT,
+    info = {"shape": shape, "gaussian": gaussian, "poisson": poisson, "column_roll": shift,
             "brightness": brightness, "mito_gain": gain,
-            "gaussian_sigma": prepared.noise_info["gaussian_sigma"], "regions": _describe_regions(regions)}
+            "gaussian_sigma": prepared.noise_info["gaussian_sigma"], "regions": _describe_regions(regions, shift, images["actin"].shape[1])}
     clock.log(f"      {shape[0]} x {shape[1]} px; noise: Poisson x{poisson:g} + Gaussian std "
               f"{info['gaussian_sigma']:.0f} counts; {info['regions']}")
     return cfg, prepared, info
@@ -660,9 +687,12 @@ def _stage_predict(clock, paths, seconds: float):
     return noisy, clean, pred, channel_metrics(clean[None], pred[None, :2], list(CHANNELS))
 
 
-def _describe_regions(regions: dict) -> str:
-    """'train y 0-680 x 0-880, val ...' (the stripes run along the image's longer axis)."""
-    return ", ".join(f"{k} y {v[0][0]}-{v[0][1]} x {v[1][0]}-{v[1][1]}" for k, v in regions.items())
+def _describe_regions(regions: dict, shift: int, width: int) -> str:
+    """'train y 0-680 x 0-880, val y 0-680 x 880-990 (original x 302-412), ...': the stripes run along the image's
+    longer axis; the held-out ones also in the unrolled sample's columns (`width` px wide, rolled by `shift`)."""
+    def original(k, x):
+        return "" if k == "train" else f" (original x {(x[0] - shift) % width}-{(x[1] - 1 - shift) % width + 1})"
+    return ", ".join(f"{k} y {v[0][0]}-{v[0][1]} x {v[1][0]}-{v[1][1]}{original(k, v[1])}" for k, v in regions.items())
 
 
 def _file_list(out: Path, paths: dict) -> dict:

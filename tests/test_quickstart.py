@@ -85,10 +85,36 @@ def test_balanced_brightness_gives_the_mitochondria_the_actins_99th_percentile()
 def test_sample_data_folder_is_the_rolled_demo_images(tmp_path):
     for brightness in sample_data.BRIGHTNESS:
         images, _ = sample_data.demo_images(brightness)
-        folder = qs.write_sample_data(tmp_path / brightness, images, (40, 60))
+        folder = qs.write_sample_data(tmp_path / brightness, images, 578, (40, 60))
         for name, img in sample_data.demo_images(brightness)[0].items():
-            expect = np.roll(img, qs.HELD_OUT_SHIFT, axis=1)[:40, :60]
+            expect = np.roll(img, 578, axis=1)[:40, :60]
             assert np.array_equal(tifffile.imread(folder / f"{name}.tif"), expect)
+
+
+def test_held_out_shift_puts_a_tenth_of_each_structure_in_each_held_out_stripe():
+    # synthetic: B fills the field, A is one block at columns 85-94 (like the sample's single nucleus). Over the
+    # val + test stripes (columns 80-89, 90-99 of 100) B always holds a tenth each; A holds half of itself in each
+    # unrolled; the best possible is off by a tenth (A cannot hold a tenth in both), never half of A in one
+    a = np.zeros((20, 100), np.float32)
+    a[:, 85:95] = 1.0
+    b = np.ones((20, 100), np.float32)
+    b[:, 40] = 0.0  # its minimum: "above the minimum" is then 1 in the other 99 columns
+    shift = qs.held_out_shift({"a": a, "b": b})
+    rolled = np.roll(a, shift, axis=1) / a.sum()
+    assert rolled[:, 80:90].sum() <= 0.2 + 1e-6 and rolled[:, 90:].sum() <= 0.2 + 1e-6
+    # scale-free, and the same on the bundled sample for both brightness mixings
+    assert qs.held_out_shift({"a": 5 * a + 3, "b": b}) == shift
+    shifts = {qs.held_out_shift(sample_data.demo_images(br)[0]) for br in sample_data.BRIGHTNESS}
+    assert len(shifts) == 1
+    images, _ = sample_data.demo_images()
+    s = shifts.pop()
+    for img in images.values():
+        share = (np.roll(img, s, axis=1) - img.min()).sum(axis=0) / (img - img.min()).sum()
+        assert abs(share[880:990].sum() - 0.1) < 0.05 and abs(share[990:].sum() - 0.1) < 0.05
+    with pytest.raises(ValueError, match="wider"):
+        qs.held_out_shift({"a": a.T, "b": b.T})
+    with pytest.raises(ValueError, match="signal"):
+        qs.held_out_shift({"a": a, "b": np.ones_like(b)})
 
 
 def test_quickstart_refuses_an_unknown_brightness(tmp_path, capsys):

@@ -23,7 +23,8 @@ ATTRIBUTION = ("BPAE_actin.tif, BPAE_mito.tif, BPAE_nuclei.tif by Robert Haase, 
 # then Gaussian noise of std DEMO_GAUSSIAN x std(mean of the two clean channels over the training stripe). F = 1
 # treats a camera count as one detected photon (the sample's gain is not documented; F = 1 is the paper's own
 # setting). The level is chosen for a realistic demonstration, not the hardest case: at Gaussian x0.1 the std is
-# ~252 counts with the default balanced brightness (below; ~184 with the raw counts), and structures peaking at
+# ~293 counts with the default balanced brightness (below; ~189 with the raw counts; the std is taken over the
+# quickstart's training stripe, so it moved when its held-out stripes did on 2026-12-04), and structures peaking at
 # ~16,000 counts above the background are visibly grainy but clear, as in a well-exposed widefield acquisition.
 # x0.25 and x2 were earlier defaults; measured (README, docs/quality.md): with the raw 8:1 counts no level tried is
 # split by a 10-minute CPU quickstart. Defined here, with the data, so that the CLI's --help can quote it without
