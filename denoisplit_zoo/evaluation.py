@@ -25,7 +25,7 @@ from .calibration import (DEFAULT_BINS, FALLBACK_SCALE, calibrate_arrays, clean_
 from .config import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_TILE
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text
-from .metrics import channel_metrics, describe_denoising, describe_split, split_quality
+from .metrics import DETAIL_MIN_R, DETAIL_SIGMAS, channel_metrics, describe_denoising, describe_split, split_quality
 from .run_folder import prepare_run_split
 from .runtime import pick_device
 
@@ -157,6 +157,9 @@ def correlation_line(m: dict) -> str:
         text += (f"; of the clean channels: {_fmt(c['clean'][pair], 3)} (a split keeps them apart; a model that only "
                  "denoises gives near 1); predicted vs clean: "
                  + ", ".join(f"{k} {_fmt(v, 3)}" for k, v in c["pred_vs_clean"].items()))
+    if "detail" in c:
+        text += "; band-passed (fine detail) vs its own clean structure: " + ", ".join(
+            f"{k} {_fmt(v, 3)}" for k, v in c["detail"].items())
     return text + "."
 
 
@@ -187,10 +190,14 @@ def render_report(m: dict, run_dir: str) -> str:
     lines.append(f"| mean | {_fmt(m['ri_psnr_mean'])} | {_fmt(m['ms_ssim_mean'], 4)} | {_fmt(m['micro_ssim_mean'], 4)} "
                  "| | | | |")
     lines += ["", "## Split or not: the model beside the two floors", "", floors_table(m), "",
-              describe_split(m["split_status"], m["split_gain"], m.get("resembles_other")), "",
+              describe_split(m["split_status"], m["split_gain"], m.get("resembles_other"),
+                             (m.get("correlation") or {}).get("detail")), "",
               "naive: the noisy input / 2 for both channels; no split: the clean sum (A + B) / 2 for both channels, "
               "a perfect denoiser that does not split. Split gain: RI-PSNR minus the better floor; a channel is split "
-              "only if its gain is > 0 and it correlates more with its own clean structure than with the other.", "", correlation_line(m)]
+              "only if its gain is > 0, it correlates more with its own clean structure than with the other, and its "
+              f"band-passed prediction (difference of Gaussians, sigma {DETAIL_SIGMAS[0]:g}-{DETAIL_SIGMAS[1]:g} px) "
+              f"correlates with its band-passed clean structure at r >= {DETAIL_MIN_R:g} (its fine detail is there).",
+              "", correlation_line(m)]
     if m.get("denoising"):
         lines += ["", describe_denoising(m["denoising"])]
     lines += ["", "RI-PSNR: range-invariant PSNR per frame (the paper's formula), averaged over frames. MS-SSIM: "

@@ -39,7 +39,7 @@ from .config import DataConfig
 from .data import split_regions
 from .errors import UserError
 from .fileio import OutputSet, atomic_path, json_safe, write_json, write_text, write_yaml
-from .metrics import describe_denoising, describe_split
+from .metrics import DETAIL_MIN_R, describe_denoising, describe_split
 from .package.layout import INPUT_NAME, INPUT_STEP, OUTPUT_NAME, min_input_size
 from .pretrained import bundled_models
 from .runtime import pick_device
@@ -375,14 +375,15 @@ def metrics_table(summary: dict) -> str:
     m = summary["metrics"]
     fl = m["floors"]
     rows = ["| structure | RI-PSNR (dB) | naive: input / 2 (dB) | no split: clean sum / 2 (dB) | split gain (dB) | "
-            "verdict | MS-SSIM | MicroSSIM | RI-PSNR, package (dB) | std scale | calib. slope |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "fine detail r | verdict | MS-SSIM | MicroSSIM | RI-PSNR, package (dB) | std scale | calib. slope |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in CHANNELS:
         rows.append(f"| {n} | {_f(m['ri_psnr'][n])} | {_f(fl['naive'][n])} | {_f(fl['no_split'][n])} | "
-                    f"{_f(m['split_gain'][n])} | {m['split_status'][n]} | {_f(m['ms_ssim'][n], 4)} | "
+                    f"{_f(m['split_gain'][n])} | {_f(m['correlation']['detail'][n], 2)} | {m['split_status'][n]} | "
+                    f"{_f(m['ms_ssim'][n], 4)} | "
                     f"{_f(m['micro_ssim'][n], 4)} | {_f(m['package_ri_psnr'][n])} | "
                     f"{_f(m['calibration_scale'][n], 3)} | {_f(m['calibration_slope'][n], 3)} |")
-    rows.append(f"| mean | {_f(m['ri_psnr_mean'])} | {_f(fl['naive']['mean'])} | {_f(fl['no_split']['mean'])} | | | "
+    rows.append(f"| mean | {_f(m['ri_psnr_mean'])} | {_f(fl['naive']['mean'])} | {_f(fl['no_split']['mean'])} | | | | "
                 f"{_f(m['ms_ssim_mean'], 4)} | {_f(m['micro_ssim_mean'], 4)} | {_f(m['package_ri_psnr_mean'])} | | |")
     return "\n".join(rows)
 
@@ -393,11 +394,16 @@ def split_warnings(metrics: dict) -> list[str]:
     for n in CHANNELS:
         if metrics["split_status"][n] != "not split":
             continue
-        if metrics["split_gain"][n] > 0:  # beats the floors, but is the other structure's ghost
-            other = next(o for o in CHANNELS if o != n)
-            r = metrics["correlation"]["pred_vs_clean"]
+        other = next(o for o in CHANNELS if o != n)
+        r = metrics["correlation"]["pred_vs_clean"]
+        if metrics["split_gain"][n] > 0 and (metrics.get("resembles_other") or {}).get(n):  # the other's ghost
             why = (f"it resembles the clean {other} (r {_f(r[f'{n}~{other}'], 2)}) more than the clean {n} "
                    f"(r {_f(r[f'{n}~{n}'], 2)}), although it beats both floors (split gain "
+                   f"{_f(metrics['split_gain'][n])} dB)")
+        elif metrics["split_gain"][n] > 0:  # beats the floors with a glow in the right place, no structure
+            why = (f"its fine structure is missing (band-pass r {_f(metrics['correlation']['detail'][n], 2)} with "
+                   f"the clean {n}, below {DETAIL_MIN_R:g}: its intensity lies in the right place, as a glow without "
+                   "the structures), although it beats both floors (split gain "
                    f"{_f(metrics['split_gain'][n])} dB)")
         else:
             why = (f"RI-PSNR {_f(metrics['ri_psnr'][n])} dB does not beat both floors (naive input / 2 "
@@ -460,9 +466,10 @@ def render_report(summary: dict) -> str:
         "## Metrics (held-out test stripe, against the clean images)", "", metrics_table(summary), "",
         "Floors, on the same stripe: *naive* = the noisy input / 2 for both structures; *no split* = the clean "
         "sum / 2 for both (a perfect denoiser that does not split). A structure is split only if it beats both "
-        "(split gain > 0) and resembles its own structure more than the other. "
+        "(split gain > 0), resembles its own structure more than the other and shows its fine detail (band-pass "
+        "correlation with its clean image). "
         + describe_split(summary["metrics"]["split_status"], summary["metrics"]["split_gain"],
-                         summary["metrics"]["resembles_other"]),
+                         summary["metrics"]["resembles_other"], summary["metrics"]["correlation"].get("detail")),
         "", describe_denoising(summary["metrics"]["denoising"]) if summary["metrics"].get("denoising") else "", "",
         "RI-PSNR: range-invariant PSNR; MS-SSIM and MicroSSIM: structural similarity (1 = identical). 'package': "
         "the zip's own prediction through bioimageio.core (another Monte-Carlo draw, K = "
@@ -572,7 +579,7 @@ def _run(out: Path, minutes: float, gaussian: float, poisson: float, seed: int, 
                "package_ri_psnr": pkg["ri_psnr"], "package_ri_psnr_mean": pkg["ri_psnr_mean"],
                "calibration_slope": {n: c["slope"] for n, c in m["calibration"].items()},
                "calibration_scale": {n: c["scale"] for n, c in m["calibration"].items()},
-               **{key: m[key] for key in ("floors", "split_gain", "split_status", "resembles_other", "correlation",
+               **{key: m[key] for key in ("floors", "split_gain", "split_status", "resembles_other", "lacks_detail", "correlation",
                                           "denoising", "calibration_reliable", "calibration_unreliable_because")}}
     summary = {
         "paths": {key: str(v) for key, v in paths.items()},
@@ -738,7 +745,8 @@ def print_summary(summary: dict, log: Callable[[str], None] = print) -> None:
         log(f"  {n:6s} RI-PSNR {_f(m['ri_psnr'][n])} dB   MS-SSIM {_f(m['ms_ssim'][n], 4)}   calibration slope "
             f"{_f(m['calibration_slope'][n], 3)} (std scale {_f(m['calibration_scale'][n], 3)})")
         log(f"         floors: naive {_f(fl['naive'][n])} dB, no split {_f(fl['no_split'][n])} dB -> split gain "
-            f"{_f(m['split_gain'][n])} dB: {m['split_status'][n].upper()}")
+            f"{_f(m['split_gain'][n])} dB, fine detail r {_f(m['correlation']['detail'][n], 2)}: "
+            f"{m['split_status'][n].upper()}")
     log(f"  mean   RI-PSNR {_f(m['ri_psnr_mean'])} dB   MS-SSIM {_f(m['ms_ssim_mean'], 4)}")
     d = m.get("denoising")
     if d:

@@ -46,7 +46,8 @@ def test_evaluate_test_split_writes_report(tiny_run, tmp_path):
     assert set(fl) == {"naive", "no_split"} and set(fl["naive"]) == set(fl["no_split"]) == {*names, "mean"}
     for n in names:
         assert m["split_gain"][n] == pytest.approx(m["ri_psnr"][n] - max(fl["naive"][n], fl["no_split"][n]))
-        assert m["split_status"][n] == ("split" if m["split_gain"][n] > 0 else "not split")
+        split = m["split_gain"][n] > 0 and not m["resembles_other"][n] and not m["lacks_detail"][n]
+        assert m["split_status"][n] == ("split" if split else "not split")
         assert m["split_status"][n] in report
         assert any(ln.strip().startswith(f"{n}:") and ln.endswith(f": {m['split_status'][n]}")
                    for ln in out.splitlines())

@@ -161,6 +161,36 @@ def test_a_ghost_of_the_other_structure_is_not_split_even_above_the_floors():
     assert "resembles the other structure" in describe_split(q["split_status"], q["split_gain"], q["resembles_other"])
 
 
+def test_a_glow_in_the_right_place_without_the_structure_is_not_split():
+    """A prediction that has a structure's low-frequency intensity (where it lies) but not its detail can beat both
+    floors; the band-pass detail check calls it not split, and a sharp prediction passes it."""
+    from scipy.ndimage import gaussian_filter
+
+    from denoisplit_zoo.metrics import DETAIL_MIN_R, describe_split, split_quality
+
+    rng = np.random.default_rng(5)
+    n, size = 2, 128
+    fine = gaussian_filter(rng.normal(size=(n, size, size)), (0, 1, 1))  # detail at the band-pass scale
+    glow = gaussian_filter(rng.normal(size=(n, size, size)), (0, 12, 12))  # a diffuse background
+    a = (fine.clip(0) * 400 + glow * 4000).clip(0) + 10  # a structure on a strong diffuse background
+    b = gaussian_filter(rng.normal(size=(n, size, size)), (0, 1.5, 1.5)).clip(0) * 3000 + 10  # the bright one
+    clean = np.stack([a, b], axis=1)
+    inputs = clean.sum(1) + rng.normal(scale=20.0, size=(n, size, size))
+    blurred = np.stack([gaussian_filter(a, (0, 6, 6)), b + rng.normal(size=b.shape)], axis=1)  # a: the glow only
+    sharp = clean + rng.normal(size=clean.shape)
+    names = ["a", "b"]
+    for pred, want in ((blurred, "not split"), (sharp, "split")):
+        ri = channel_metrics(clean, pred, names)["ri_psnr"]
+        q = split_quality(clean, pred, inputs, names, ri, clean=True)
+        assert q["split_gain"]["a"] > 0 and not q["resembles_other"]["a"]  # the floors alone would call it split
+        assert q["split_status"]["a"] == want and q["lacks_detail"]["a"] == (want == "not split")
+        assert (q["correlation"]["detail"]["a"] < DETAIL_MIN_R) == (want == "not split")
+        assert q["split_status"]["b"] == "split"
+    q = split_quality(clean, blurred, inputs, names, channel_metrics(clean, blurred, names)["ri_psnr"], clean=True)
+    assert "fine structure is missing" in describe_split(q["split_status"], q["split_gain"], q["resembles_other"],
+                                                         q["correlation"]["detail"])
+
+
 def test_denoising_check_tells_a_good_denoiser_from_one_a_blur_beats():
     """The two outputs added against the clean sum, beside the best Gaussian filter of the input: a near-perfect
     denoiser is ahead of the blur, an over-smoothed one (what an undertrained VAE gives) behind it, and the report
