@@ -103,12 +103,15 @@ def _metrics_section(ctx: PackageContext, metrics: Optional[dict]) -> str:
                      "", ""])
         renamed = dict(zip(ctx.run.channel_names, ctx.channel_names))
         other = metrics.get("resembles_other") or {}
+        detail = (metrics.get("correlation") or {}).get("detail") or {}
         verdict = describe_split({renamed[k]: v for k, v in status.items()},
-                                 {renamed[k]: v for k, v in gain.items()}, {renamed[k]: v for k, v in other.items()})
+                                 {renamed[k]: v for k, v in gain.items()}, {renamed[k]: v for k, v in other.items()},
+                                 {renamed[k]: v for k, v in detail.items()})
         floors_text = ("\n\nBeside the model, two floors that need no model, on the same images: *naive* (the noisy "
                        "input / 2 for both channels) and *no split* (the clean sum / 2 for both channels: a perfect "
                        "denoiser that does not split). A structure is split only if it beats both (split gain > "
-                       f"0). {verdict}")
+                       "0), resembles its own clean structure more than the other and shows its fine detail "
+                       f"(band-pass correlation with its clean image). {verdict}")
         if metrics.get("denoising"):
             floors_text += " " + describe_denoising(metrics["denoising"])
     else:

@@ -26,8 +26,9 @@ ATTRIBUTION = ("BPAE_actin.tif, BPAE_mito.tif, BPAE_nuclei.tif by Robert Haase, 
 # ~293 counts with the default balanced brightness (below; ~189 with the raw counts; the std is taken over the
 # quickstart's training stripe, so it moved when its held-out stripes did on 2026-12-04), and structures peaking at
 # ~16,000 counts above the background are visibly grainy but clear, as in a well-exposed widefield acquisition.
-# x0.25 and x2 were earlier defaults; measured (README, docs/quality.md): with the raw 8:1 counts no level tried is
-# split by a 10-minute CPU quickstart. Defined here, with the data, so that the CLI's --help can quote it without
+# x0.25 and x2 were earlier defaults; measured (README, docs/quality.md): with the raw 8:1 counts no level tried
+# splits the mitochondria in a 10-minute CPU quickstart (on today's test stripe they come out as a glow without
+# their rings), while the balanced mixing splits both. Defined here, with the data, so that the CLI's --help can quote it without
 # importing torch.
 DEMO_GAUSSIAN = 0.1
 DEMO_POISSON = 1.0
