@@ -245,8 +245,8 @@ def split_status(gain: dict, resembles_other: dict | None = None, lacks_detail: 
 # tubules, can beat both floors. The detail check correlates the prediction with its clean structure after a
 # difference-of-Gaussians band-pass (DETAIL_SIGMAS px: the scale of filaments and mitochondria at ~0.1 um/px) and
 # calls a channel below DETAIL_MIN_R not split. Measured on the quickstart's test stripe (2026-12-04): the
-# balanced run, whose figure shows the rings, 0.89 actin / 0.83 mito; `--brightness raw`, whose mito is a glow
-# with +1.90 dB split gain, 0.99 / 0.25.
+# balanced run, whose figure shows the rings, 0.88 actin / 0.83 mito; `--brightness raw`, whose mito is a glow
+# with +3.19 dB split gain, 0.99 / 0.31 (docs/quality.md has more).
 DETAIL_SIGMAS = (1.0, 4.0)
 DETAIL_MIN_R = 0.5
 

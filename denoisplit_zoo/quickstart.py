@@ -64,7 +64,8 @@ PRETRAINED = {"balanced": "w2s_balanced_small", "raw": "w2s_bpae_like_small"}
 # sample the cell as the training stripe does (on this field: 578 px, test = original x 412-522, validation x
 # 302-412). Why a rule: the cell holds one nucleus, and a test stripe over it (the former fixed roll of 440 px: test
 # x 550-660, 29 % of the field's mitochondrial signal, the perinuclear haze seen nowhere else) is not split by a
-# model fine-tuned on the rest of the field, which splits its own training stripe by +6 / +5 dB (docs/quality.md).
+# model fine-tuned on the rest of the field, which splits its own training stripe by +4.0 / +3.2 dB
+# (benchmarks/quickstart_held_out.py, docs/quality.md).
 # The roll joins the image's left and right borders, both background, inside the training stripe.
 SPLIT_FRACTIONS = DataConfig.model_fields["split"].default  # the run's split (train, val, test): the config's default
 
