@@ -48,6 +48,7 @@ def main(out: Path) -> None:
         same.append(world.same_parameters(trainer.model))
         (out / f"rank{world.rank}.json").write_text(json.dumps(
             {"before_ddp": before_ddp, "same": same, "losses": losses, "skipped_together": skipped, "step": trainer.state.step}))
+        trainer.undistribute()
 
 
 if __name__ == "__main__":
