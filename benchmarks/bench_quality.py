@@ -261,7 +261,7 @@ def main():
                   flush=True)
         rows.append(r)
 
-    from denoisplit_zoo.metrics import DETAIL_MIN_R, resembles_other, split_status
+    from denoisplit_zoo.metrics import lacks_detail, resembles_other, split_status
 
     ok = [r for r in rows if "error" not in r]
     for r in ok:
@@ -279,7 +279,7 @@ def main():
             # the verdict from the stored numbers with the current rule (results cached by an older version too)
             r["resembles_other"] = resembles_other(r["correlation"]["pred_vs_clean"], list(gain))
             detail = r["correlation"].get("detail")  # absent from results cached before the detail check
-            flat = {n: not v >= DETAIL_MIN_R for n, v in detail.items()} if detail else None
+            flat = lacks_detail(detail) if detail else None
             r["split_status"] = split_status(gain, r["resembles_other"], flat)
             r["verdict"] = ", ".join(f"{n} {s}" for n, s in r["split_status"].items())
         if r.get("denoising"):  # the two outputs added vs a Gaussian filter of the input (metrics.denoising_check)

@@ -259,6 +259,11 @@ def band_pass(frames: np.ndarray, sigmas: tuple[float, float] = DETAIL_SIGMAS) -
     return np.stack([gaussian_filter(f, sigmas[0]) - gaussian_filter(f, sigmas[1]) for f in x])
 
 
+def lacks_detail(detail: dict) -> dict:
+    """{name: True where the band-pass r (detail_correlation) is below DETAIL_MIN_R or NaN (a constant channel)}."""
+    return {n: not r >= DETAIL_MIN_R for n, r in detail.items()}
+
+
 def detail_correlation(pred: np.ndarray, clean: np.ndarray, names: list[str]) -> dict:
     """{name: Pearson r (mean over frames) of the band-passed prediction with its band-passed clean structure},
     for (N, 2, Y, X) predictions and clean references."""
@@ -341,7 +346,7 @@ def split_quality(reference: np.ndarray, pred: np.ndarray, inputs: np.ndarray, n
         corr["error_vs_input_noise"] = {n: _frame_mean_r(pred[:, c] - reference[:, c].astype(np.float64), noise)
                                         for c, n in enumerate(names)}
         corr["detail"] = detail_correlation(pred, reference, names)
-        flat = {n: not r >= DETAIL_MIN_R for n, r in corr["detail"].items()}  # NaN (a constant channel) included
+        flat = lacks_detail(corr["detail"])
     else:
         flat = None
     return {"floors": floors, "split_gain": gain, "split_status": split_status(gain, other, flat),
