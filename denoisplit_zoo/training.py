@@ -164,8 +164,15 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: O
     with OutputSet(out) as outputs:
         if not os.access(out, os.W_OK):
             raise UserError(f"{out} is not writable")
-        with RunLock(out, "train"):
-            return _train(cfg, paths, resume, noise_models, progress, outputs, world)
+        try:
+            with RunLock(out, "train"):
+                return _train(cfg, paths, resume, noise_models, progress, outputs, world)
+        finally:
+            # The loop commits right after its first last.pt; a signal between that file's rename and the commit
+            # would otherwise remove a resumable run (seen: tests/test_distributed.py's SIGTERM, sent the moment
+            # last.pt appears). Whether last.pt exists decides, not where the signal landed.
+            if paths.last.is_file():
+                outputs.commit()
 
 
 def _run_config(cfg: RunConfig, paths: RunPaths, resume: bool) -> RunConfig:
