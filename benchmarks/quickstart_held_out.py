@@ -42,13 +42,12 @@ WINDOW = 220  # px: the training-stripe window scored (twice a held-out stripe)
 
 def signal_shares(images: dict, shift: int, columns: slice) -> dict:
     """Share of each structure's signal above its minimum in `columns` of the images rolled by `shift`."""
-    return {n: float((np.roll(a, shift, axis=1)[:, columns] - a.min()).sum() / (a - a.min()).sum())
-            for n, a in images.items()}
+    return {n: float(np.roll(c, shift)[columns].sum()) for n, c in qs.column_shares(images).items()}
 
 
 def densest_window(images: dict, shift: int, train_cols: slice) -> slice:
     """The WINDOW-px column window inside the training stripe holding the most signal of both structures."""
-    cols = sum((np.roll(a, shift, axis=1) - a.min()).sum(axis=0) / (a - a.min()).sum() for a in images.values())
+    cols = sum(np.roll(c, shift) for c in qs.column_shares(images).values())
     sums = np.convolve(cols[train_cols], np.ones(WINDOW), mode="valid")
     x0 = train_cols.start + int(np.argmax(sums))
     return slice(x0, x0 + WINDOW)

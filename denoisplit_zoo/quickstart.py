@@ -173,6 +173,14 @@ def _check_out(out: Path) -> None:
         raise UserError(f"{out} is not empty; choose a new --out folder (or delete it)")
 
 
+def column_shares(images: dict) -> dict:
+    """{name: (X,) float64 share of each column in the (Y, X) image's signal above its minimum (sums to 1)}."""
+    cols = {n: (a - a.min()).sum(axis=0, dtype=np.float64) for n, a in images.items()}
+    if min(c.sum() for c in cols.values()) <= 0:
+        raise ValueError("column_shares needs every image to hold some signal above its minimum")
+    return {n: c / c.sum() for n, c in cols.items()}
+
+
 def held_out_shift(images: dict, fractions=SPLIT_FRACTIONS) -> int:
     """Columns to roll the (Y, X) images `images` ({name: array}, X the longer axis; raw counts or any per-structure
     scaling, the shares are scale-free) by so that the validation and the test stripe of split_regions each hold
@@ -184,10 +192,7 @@ def held_out_shift(images: dict, fractions=SPLIT_FRACTIONS) -> int:
         raise ValueError("held_out_shift needs images of one shape, wider than tall")
     regions = split_regions((h, w), fractions)
     held = [(regions[k][1], f) for k, f in zip(("val", "test"), fractions[1:])]
-    cols = [(a - a.min()).sum(axis=0, dtype=np.float64) for a in images.values()]
-    if min(c.sum() for c in cols) <= 0:
-        raise ValueError("held_out_shift needs every image to hold some signal above its minimum")
-    cols = [c / c.sum() for c in cols]
+    cols = column_shares(images).values()
     worst = [max(abs(np.roll(c, s)[x].sum() - f) for c in cols for x, f in held) for s in range(w)]
     return int(np.argmin(worst))
 

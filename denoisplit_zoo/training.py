@@ -156,21 +156,22 @@ def train(cfg: RunConfig, out: str | Path, resume: bool = False, noise_models: O
     out = Path(out)
     world = world or world_from_env()
     if not world.main:  # rank 0 checks, creates and locks the folder; this rank reads it after rank 0's setup
-        return _train(cfg, RunPaths(out), resume, noise_models, False, None, world)
+        return _train(cfg, RunPaths(out), resume, noise_models, False, world)
     paths = _prepare_run_dir(out, resume)
     if resume:
         with RunLock(out, "train --resume"):
-            return _train(cfg, paths, resume, noise_models, progress, None, world)
+            return _train(cfg, paths, resume, noise_models, progress, world)
     with OutputSet(out) as outputs:
         if not os.access(out, os.W_OK):
             raise UserError(f"{out} is not writable")
         try:
             with RunLock(out, "train"):
-                return _train(cfg, paths, resume, noise_models, progress, outputs, world)
+                return _train(cfg, paths, resume, noise_models, progress, world)
         finally:
-            # The loop commits right after its first last.pt; a signal between that file's rename and the commit
-            # would otherwise remove a resumable run (seen: tests/test_distributed.py's SIGTERM, sent the moment
-            # last.pt appears). Whether last.pt exists decides, not where the signal landed.
+            # A resumable run from its first last.pt on: keep the folder even if training fails later. Decided
+            # here by the file itself, not by a commit inside the loop: a signal between last.pt's rename and such a
+            # commit removed a resumable run (seen: tests/test_distributed.py's SIGTERM, sent the moment last.pt
+            # appears).
             if paths.last.is_file():
                 outputs.commit()
 
@@ -436,7 +437,7 @@ class Trainer:
 
 
 def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Optional[NoiseModels],
-           progress: bool, outputs: Optional[OutputSet], world: World = SINGLE) -> TrainResult:
+           progress: bool, world: World = SINGLE) -> TrainResult:
     restart = resume and not paths.last.is_file()  # killed before the first checkpoint: start again at step 0
     with process_group(world, pick_device(cfg.train.device)) as device:
         if world.main:  # checks and writes the run folder: config, split, normalisation, noise models
@@ -474,7 +475,7 @@ def _train(cfg: RunConfig, paths: RunPaths, resume: bool, given_noise_models: Op
                 _truncate_log(paths.log, trainer.state.step)
         trainer.distribute()
         try:
-            result = _Loop(trainer, prepared, paths, outputs, progress and world.main).run()
+            result = _Loop(trainer, prepared, paths, progress and world.main).run()
         finally:
             trainer.undistribute()
     if paths.best.is_file() and world.main:
@@ -486,9 +487,8 @@ class _Loop:
     """train()'s loop over a Trainer: stopping rules (steps, minutes, early stopping), validation rounds with the
     LR schedule, the log and the checkpoints, the progress bar."""
 
-    def __init__(self, trainer: Trainer, prepared: PreparedData, paths: RunPaths, outputs: Optional[OutputSet],
-                 progress: bool):
-        self.t, self.paths, self.outputs, self.prepared = trainer, paths, outputs, prepared
+    def __init__(self, trainer: Trainer, prepared: PreparedData, paths: RunPaths, progress: bool):
+        self.t, self.paths, self.prepared = trainer, paths, prepared
         tc = self.tc = trainer.tc
         self.dataset = PatchDataset(prepared.train, prepared.norm, tc.patch_size, seed=tc.seed)
         self.val_x, self.val_y = validation_tiles(prepared.val, prepared.norm, tc.patch_size, max_tiles=64)
@@ -565,8 +565,6 @@ class _Loop:
         if improved:
             t.checkpoint(paths.best)
         t.checkpoint(paths.last)  # (every rank calls it: it gathers their RNG states; rank 0 writes)
-        if self.outputs is not None:
-            self.outputs.commit()  # a resumable run from here on: keep the folder even if training fails later
         if t.world.main:
             self.bar.write(f"step {st.step:6d}  train {entry['train_loss']:.4f}  val {val_rec:.4f}"
                            f"{'  *best' if improved else ''}{'  (KL warm-up)' if warming else ''}")
